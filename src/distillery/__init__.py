@@ -1,0 +1,3 @@
+"""distillery: knowledge distillation of Stable Diffusion U-Nets."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,53 @@
+"""Shared behaviour of the entry points: user errors as one clear message, results as a table."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from distillery.config import ConfigError
+from distillery.export import ExportError
+from distillery.models.features import FeaturePairError
+from distillery.models.students import StudentRuleError
+from distillery.models.teacher import TeacherLoadError
+
+USER_ERRORS = (ConfigError, StudentRuleError, TeacherLoadError, FeaturePairError, ExportError)
+
+
+def require(cfg: Any, usage: str) -> None:
+    """Stop with the usage line when a mandatory value (``???``) was not given."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        print(f"error: missing {', '.join(missing)}. Usage: {usage}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_or_explain(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run fn; a configuration mistake ends the program with its message, not a traceback."""
+    try:
+        return fn(*args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def report(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="distillery run", show_header=False)
+    rows = {
+        "run folder": result.get("run_dir"),
+        "steps": result.get("global_step"),
+        "checkpoint": result.get("checkpoint"),
+        "student (diffusers)": result.get("export_dir"),
+        "teacher vs student samples": result.get("samples"),
+    }
+    for key, value in rows.items():
+        if value is not None:
+            table.add_row(key, str(value))
+    for key, value in sorted(result.get("metrics", {}).items()):
+        table.add_row(key, f"{value:.4g}")
+    Console().print(table)

@@ -1,0 +1,146 @@
+"""Validation of a composed config before anything heavy happens.
+
+Hydra already refuses an unknown group option (``arch=bk_smal``) and an unknown key
+(``trainer.max_step=5``), naming the valid ones. What it cannot know is whether the values make
+sense; this module checks every section we own against a typed schema plus a few rules, and
+reports all problems at once, so that a misconfigured sweep fails in a second rather than
+after loading a 3 GB teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+MID_BLOCK_KINDS = ("keep", "resnet", "none")
+FAMILIES = ("sd", "sdxl")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+class ConfigError(ValueError):
+    """One or more problems in the composed config; the message lists all of them."""
+
+
+@dataclass
+class RuleSchema:
+    families: list[str] = field(default_factory=lambda: ["sd"])
+    drop_stages: list[int] = field(default_factory=list)
+    layers_per_block: Optional[int] = None
+    mid_block: str = "keep"
+
+
+@dataclass
+class FeaturesSchema:
+    pairs: Any = "stages"  # "stages" | "none" | [[teacher, student], ...]
+    include_mid: bool = False
+
+
+@dataclass
+class ArchSchema:
+    name: str = "student"
+    teacher: str = "tiny-random"
+    teacher_dtype: str = "auto"
+    rule: RuleSchema = field(default_factory=RuleSchema)
+    features: FeaturesSchema = field(default_factory=FeaturesSchema)
+
+
+@dataclass
+class LossSchema:
+    _target_: str = "distillery.losses.KDLoss"
+    task: float = 1.0
+    output: float = 1.0
+    feature: float = 1.0
+
+
+def _typed(section: Any, schema: type, where: str, problems: list[str]) -> Optional[DictConfig]:
+    """Merge a section into its schema: wrong types and unknown keys become problems."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), section)
+    except OmegaConfBaseException as err:
+        msg = str(err).splitlines()[0]
+        key = getattr(err, "full_key", None)
+        valid = ", ".join(f.name for f in schema.__dataclass_fields__.values())
+        problems.append(f"{where}{'.' + key if key else ''}: {msg} (valid keys: {valid})")
+        return None
+
+
+def _check_arch(arch: Any, problems: list[str]) -> None:
+    typed = _typed(arch, ArchSchema, "arch", problems)
+    if typed is None:
+        return
+    if typed.teacher_dtype not in DTYPE_NAMES:
+        problems.append(f"arch.teacher_dtype={typed.teacher_dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+    rule = typed.rule
+    bad = [f for f in rule.families if f not in FAMILIES]
+    if bad or not rule.families:
+        problems.append(f"arch.rule.families={list(rule.families)}: each must be one of {', '.join(FAMILIES)}")
+    if rule.mid_block not in MID_BLOCK_KINDS:
+        problems.append(f"arch.rule.mid_block={rule.mid_block!r} is not one of {', '.join(MID_BLOCK_KINDS)}")
+    if rule.layers_per_block is not None and rule.layers_per_block < 1:
+        problems.append(f"arch.rule.layers_per_block={rule.layers_per_block} must be >= 1 (or null to keep the teacher's)")
+    if any(s < 0 for s in rule.drop_stages):
+        problems.append(f"arch.rule.drop_stages={list(rule.drop_stages)} must hold stage indices >= 0")
+    pairs = typed.features.pairs
+    if isinstance(pairs, str):
+        if pairs not in ("stages", "none"):
+            problems.append(f"arch.features.pairs={pairs!r}: expected 'stages', 'none' or a list of [teacher, student] module names")
+    elif pairs is not None:
+        for i, pair in enumerate(pairs):
+            if isinstance(pair, str) or len(pair) != 2:
+                problems.append(f"arch.features.pairs[{i}]={pair!r}: expected [teacher_module, student_module]")
+
+
+def _check_loss(loss: Any, problems: list[str]) -> None:
+    typed = _typed(loss, LossSchema, "loss", problems)
+    if typed is None:
+        return
+    weights = {k: typed[k] for k in ("task", "output", "feature")}
+    for k, v in weights.items():
+        if not v >= 0:
+            problems.append(f"loss.{k}={v} must be >= 0")
+    if all(v == 0 for v in weights.values()):
+        problems.append("loss.task, loss.output and loss.feature are all 0: nothing would be trained")
+
+
+def _positive_int(cfg: Any, key: str, problems: list[str], minimum: int = 1) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        problems.append(f"{key}={value!r} must be an integer >= {minimum}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every problem of a composed training config."""
+    problems: list[str] = []
+    _check_arch(cfg.arch, problems)
+    _check_loss(cfg.loss, problems)
+    _positive_int(cfg, "data.batch_size", problems)
+    _positive_int(cfg, "data.resolution", problems, minimum=8)
+    _positive_int(cfg, "data.num_workers", problems, minimum=0)
+    _positive_int(cfg, "trainer.max_steps", problems)
+    _positive_int(cfg, "trainer.accumulate_grad_batches", problems)
+    res = OmegaConf.select(cfg, "data.resolution")
+    if isinstance(res, int) and res % 8:
+        problems.append(f"data.resolution={res} must be a multiple of 8 (the VAE downsamples by 8 in SD)")
+    lr = OmegaConf.select(cfg, "optim.optimizer.lr")
+    if not isinstance(lr, (int, float)) or not lr > 0:
+        problems.append(f"optim.optimizer.lr={lr!r} must be a number > 0")
+    sched = OmegaConf.select(cfg, "optim.lr_scheduler.name")
+    if sched not in LR_SCHEDULES:
+        problems.append(f"optim.lr_scheduler.name={sched!r} is not one of {', '.join(LR_SCHEDULES)}")
+    ema = OmegaConf.select(cfg, "method.ema_decay")
+    if ema is not None and not (isinstance(ema, (int, float)) and 0 < ema < 1):
+        problems.append(f"method.ema_decay={ema!r} must be in (0, 1), or null for no EMA")
+    precision = OmegaConf.select(cfg, "trainer.precision")
+    valid_precision = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+    if str(precision) not in valid_precision:
+        problems.append(f"trainer.precision={precision!r} is not one of {', '.join(valid_precision)}")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt not in (None, "last") and not Path(str(ckpt)).is_file():
+        problems.append(f"ckpt_path={ckpt!r} is not a file (give a .ckpt path, or 'last' to resume this run folder)")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,98 @@
+"""Export a trained student as a diffusers pipeline folder.
+
+The folder holds the teacher's VAE, text encoder, tokenizer and scheduler with the student
+U-Net, whose config.json is the one the student was built from, so
+``StableDiffusionPipeline.from_pretrained(folder)`` rebuilds exactly the trained weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distillery.models.teacher import Teacher, load_teacher
+from distillery.sampling import make_pipeline
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def load_checkpoint(ckpt_path: str | Path) -> dict:
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ExportError(f"checkpoint {str(path)!r} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "distillery" not in ckpt or "state_dict" not in ckpt:
+        raise ExportError(f"{str(path)!r} is not a distillery training checkpoint (no student description in it)")
+    return ckpt
+
+
+def student_from_checkpoint(ckpt: dict, ema: bool = False):
+    """Rebuild the student U-Net (or its EMA) from a training checkpoint."""
+    from diffusers import UNet2DConditionModel
+
+    prefix = "ema.module." if ema else "student."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        what = "EMA of the student (train with method.ema_decay=0.9999 to keep one)" if ema else "student weights"
+        raise ExportError(f"the checkpoint holds no {what}")
+    unet = UNet2DConditionModel.from_config(ckpt["distillery"]["student_config"])
+    unet.load_state_dict(state, strict=True)
+    return unet
+
+
+def model_card(info: dict, step: int, ema: bool, params: int) -> str:
+    teacher = info["teacher"]
+    base = f"base_model: {teacher}\n" if "/" in teacher and not Path(teacher).exists() else ""
+    loss = info.get("loss", {})
+    return f"""---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [stable-diffusion, knowledge-distillation, distillery, {info['arch']}]
+{base}---
+# {info['arch']} student of `{teacher}`
+
+A block-removed Stable Diffusion U-Net ({params:,} parameters) distilled with **distillery**
+from the teacher `{teacher}` for {step:,} optimizer steps{' (EMA weights)' if ema else ''}.
+The VAE, text encoder, tokenizer and scheduler are the teacher's.
+
+- student rule: `{json.dumps(info.get('rule', {}))}`
+- loss: task {loss.get('task')} + {loss.get('output')} x output KD + {loss.get('feature')} x feature KD over {len(info.get('feature_pairs', []))} feature pairs
+- prediction type: {info.get('prediction_type')}; training resolution: {info.get('resolution')} px
+
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("<this folder>")
+image = pipe("a prompt", num_inference_steps=25).images[0]
+```
+"""
+
+
+def export_student(ckpt_path: str | Path, out_dir: str | Path, ema: bool = False,
+                   teacher: Teacher | None = None) -> Path:
+    ckpt = load_checkpoint(ckpt_path)
+    info: dict[str, Any] = ckpt["distillery"]
+    unet = student_from_checkpoint(ckpt, ema=ema)
+    if teacher is None:
+        teacher = load_teacher(info["teacher"], seed=info.get("teacher_seed", 0))
+    # The frozen parts may sit on a GPU in bf16 inside a training run: save float32 copies of
+    # their weights (as the hub pipelines ship) and give them back as they were.
+    frozen = [teacher.vae, teacher.text_encoder]
+    placement = [(next(m.parameters()).device, next(m.parameters()).dtype) for m in frozen]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        for module in frozen:
+            module.to(device="cpu", dtype=torch.float32)
+        pipe = make_pipeline(unet, teacher.vae, teacher.text_encoder, teacher.tokenizer, teacher.sampling_scheduler)
+        pipe.save_pretrained(out, safe_serialization=True)
+    finally:
+        for module, (device, dtype) in zip(frozen, placement):
+            module.to(device=device, dtype=dtype)
+    params = sum(p.numel() for p in unet.parameters())
+    (out / "README.md").write_text(model_card(info, int(ckpt.get("global_step", 0)), ema, params))
+    return out

@@ -1,0 +1,165 @@
+"""Architecture distillation: a block-removed student learns from its teacher.
+
+One training step: encode images to latents and captions to text embeddings with the frozen
+VAE and text encoder, noise the latents at random timesteps, run the frozen teacher (no grad,
+low precision) and the student on the same input, and take the composite KD loss.
+
+Only the student (and its EMA) is a registered submodule. The teacher, VAE and text encoder
+are held outside the module tree, so the optimizer, DDP and every checkpoint see the student
+alone; ``on_fit_start`` moves them to the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from distillery.losses import KDLoss
+from distillery.models.features import FeaturePair, FeatureTaps
+from distillery.models.teacher import Teacher
+
+
+def diffusion_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """What the U-Net is trained to predict, following the teacher's prediction type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+class ArchKD(L.LightningModule):
+    def __init__(
+        self,
+        teacher: Teacher,
+        student: nn.Module,
+        feature_pairs: Sequence[FeaturePair],
+        loss: KDLoss,
+        optimizer: Any,  # a partial of a torch optimizer, completed with the student's params
+        lr_scheduler: dict | None = None,  # {name, warmup_steps} for diffusers' get_scheduler
+        ema_decay: float | None = None,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+        frozen_dtype: torch.dtype = torch.float32,
+        export_info: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        # The EMA is taken before any hook is registered, so it does not copy the taps.
+        self.ema = None
+        if ema_decay:
+            self.ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
+        if gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: see module docstring
+        self.loss_fn = loss
+        self.feature_pairs = [tuple(p) for p in feature_pairs]
+        self.use_teacher = loss.weights.needs_teacher
+        self.use_features = loss.weights.feature > 0 and bool(self.feature_pairs)
+        if loss.weights.feature > 0 and not self.feature_pairs:
+            raise ValueError("lambda_feat > 0 but the arch has no feature pairs (arch.features.pairs)")
+        if self.use_features:
+            self.teacher_taps = FeatureTaps(teacher.unet, [t for t, _ in self.feature_pairs])
+            self.student_taps = FeatureTaps(student, [s for _, s in self.feature_pairs])
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_cfg = dict(lr_scheduler or {})
+        self.seed = int(seed)
+        self.frozen_dtype = frozen_dtype
+        self.export_info = dict(export_info or {})
+        self._ema_step = 0
+
+    # ---- frozen parts -------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.teacher.frozen_modules.values():
+            module.eval()  # Lightning calls .train() on the whole module; the teacher stays in eval
+        return self
+
+    def on_fit_start(self) -> None:
+        for module in self.teacher.frozen_modules.values():
+            module.to(device=self.device, dtype=self.frozen_dtype)
+        self._ema_step = self.trainer.global_step
+
+    # ---- inputs ---------------------------------------------------------------------------
+    def _generator(self, batch_idx: int) -> torch.Generator:
+        """Noise and timesteps are a function of (seed, step, micro-batch, rank), so a resumed
+        run draws exactly what the uninterrupted run would have drawn."""
+        accum = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        key = ((self.seed * 1_000_003 + self.global_step) * 1009 + batch_idx % accum) * 131 + self.global_rank
+        return torch.Generator(device=self.device).manual_seed(key % (2**63))
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: Sequence[str]) -> Tensor:
+        tok = self.teacher.tokenizer
+        ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.teacher.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor, generator: torch.Generator) -> Tensor:
+        vae = self.teacher.vae
+        dist = vae.encode(pixels.to(self.device, self.frozen_dtype)).latent_dist
+        return dist.sample(generator=generator).float() * vae.config.scaling_factor
+
+    # ---- training ---------------------------------------------------------------------------
+    def kd_terms(self, batch: dict, gen: torch.Generator) -> dict[str, Tensor]:
+        """The loss terms of one batch, with noise and timesteps drawn from ``gen``."""
+        latents = self.encode_images(batch["pixel_values"], gen)
+        text = self.encode_prompts(batch["caption"])
+        scheduler = self.teacher.noise_scheduler
+        noise = torch.randn(latents.shape, generator=gen, device=self.device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=gen, device=self.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(scheduler, latents, noise, timesteps)
+
+        teacher_pred, teacher_feats = None, ()
+        if self.use_teacher:
+            with torch.no_grad():
+                teacher_pred = self.teacher.unet(noisy.to(self.frozen_dtype), timesteps,
+                                                 text.to(self.frozen_dtype)).sample
+                if self.use_features:
+                    teacher_feats = self.teacher_taps.pop()
+        student_pred = self.student(noisy, timesteps, text.to(noisy.dtype)).sample
+        student_feats = self.student_taps.pop() if self.use_features else ()
+        return self.loss_fn(student_pred, target, teacher_pred, student_feats, teacher_feats)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        terms = self.kd_terms(batch, self._generator(batch_idx))
+        bs = batch["pixel_values"].shape[0]
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=bs)
+        return terms["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Update the EMA once per optimizer step, not once per accumulated micro-batch.
+        if self.ema is not None and self.trainer.global_step > self._ema_step:
+            self.ema.update_parameters(self.student)
+            self._ema_step = self.trainer.global_step
+
+    def configure_optimizers(self):
+        from diffusers.optimization import get_scheduler
+
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        extra = {"fused": True} if self.device.type == "cuda" else {}
+        optimizer = self.optimizer_factory(params, **extra)
+        cfg = self.lr_scheduler_cfg
+        scheduler = get_scheduler(
+            cfg.get("name", "constant"), optimizer,
+            num_warmup_steps=int(cfg.get("warmup_steps", 0)),
+            num_training_steps=max(int(self.trainer.max_steps), 1),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Everything export needs to rebuild the student without the training config.
+        checkpoint["distillery"] = self.export_info

@@ -1,0 +1,173 @@
+"""Feature taps: the intermediate outputs matched by feature KD.
+
+A feature pair names one teacher module and one student module (diffusers module paths such as
+``down_blocks.1`` or ``down_blocks.2.attentions.1.proj_out``). Forward hooks record each
+module's output during the ordinary forward, so the U-Nets run unmodified.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+FeaturePair = tuple[str, str]  # (teacher module, student module)
+
+
+class FeaturePairError(ValueError):
+    """A feature pair that names no module, or whose two features cannot be compared."""
+
+
+def first_tensor(output: Any) -> Tensor:
+    """The feature a module produces: down blocks return (hidden_states, residuals) and
+    transformers a ModelOutput; the hidden states are what is matched."""
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "sample"):
+        return output.sample
+    if isinstance(output, (tuple, list)) and output:
+        return first_tensor(output[0])
+    raise TypeError(f"cannot take a feature from a module output of type {type(output).__name__}")
+
+
+class FeatureTaps:
+    """Records the outputs of named submodules of one model, in the order the names were given.
+
+    The hooks stay registered; ``enabled`` switches recording off (e.g. for sampling), and
+    ``pop()`` hands the recorded features over and forgets them so no graph outlives a step.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        modules = dict(model.named_modules())
+        check_module_names(modules, names, side=type(model).__name__)
+        self.names = list(names)
+        self.enabled = True
+        self._outputs: dict[str, Tensor] = {}
+        self._handles = [
+            modules[name].register_forward_hook(self._make_hook(name)) for name in dict.fromkeys(names)
+        ]
+
+    def _make_hook(self, name: str):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if self.enabled:
+                self._outputs[name] = first_tensor(output)
+
+        return hook
+
+    def pop(self) -> list[Tensor]:
+        missing = [n for n in self.names if n not in self._outputs]
+        if missing:
+            raise RuntimeError(f"these tapped modules did not run in the last forward: {missing}")
+        feats = [self._outputs[n] for n in self.names]
+        self._outputs = {}
+        return feats
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def check_module_names(modules: Mapping[str, nn.Module], names: Iterable[str], side: str) -> None:
+    """Fail with the closest valid names when a pair names a module that does not exist."""
+    problems = []
+    for name in names:
+        if name not in modules:
+            close = difflib.get_close_matches(name, list(modules), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            problems.append(f"'{name}' is not a module of the {side}{hint}")
+    if problems:
+        raise FeaturePairError("feature pairs name unknown modules:\n  " + "\n  ".join(problems))
+
+
+def stage_pairs(
+    teacher_config: Mapping[str, Any],
+    student_config: Mapping[str, Any],
+    drop_stages: Sequence[int] = (),
+    include_mid: bool = True,
+) -> list[FeaturePair]:
+    """Automatic pairing for any block-removed student: every student stage output is matched
+    with the output of the teacher stage it was copied from, and the mid blocks when both have
+    one."""
+    n = len(teacher_config["down_block_types"])
+    kept = [s for s in range(n) if s not in set(drop_stages)]
+    m = len(kept)
+    if len(student_config["down_block_types"]) != m:
+        raise FeaturePairError(
+            f"student has {len(student_config['down_block_types'])} stages but the rule keeps {m}"
+        )
+    pairs = [(f"down_blocks.{kept[i]}", f"down_blocks.{i}") for i in range(m)]
+    if include_mid and teacher_config.get("mid_block_type", "") and student_config.get("mid_block_type", ""):
+        pairs.append(("mid_block", "mid_block"))
+    pairs += [(f"up_blocks.{n - 1 - kept[m - 1 - j]}", f"up_blocks.{j}") for j in range(m)]
+    return pairs
+
+
+def resolve_pairs(spec: Any, teacher_config, student_config, drop_stages=(), include_mid=True) -> list[FeaturePair]:
+    """Turn the ``arch.features.pairs`` setting into a list of pairs: ``stages`` (automatic),
+    ``none`` / empty (no feature KD), or an explicit list of [teacher, student] names."""
+    if spec is None or spec == "none" or (isinstance(spec, Sequence) and not isinstance(spec, str) and len(spec) == 0):
+        return []
+    if spec == "stages":
+        return stage_pairs(teacher_config, student_config, drop_stages, include_mid)
+    if isinstance(spec, str):
+        raise FeaturePairError(
+            f"arch.features.pairs={spec!r}: expected 'stages', 'none' or a list of [teacher, student] module names"
+        )
+    pairs = []
+    for i, pair in enumerate(spec):
+        if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+            raise FeaturePairError(
+                f"arch.features.pairs[{i}]={list(pair) if not isinstance(pair, str) else pair!r}: "
+                "each pair must be [teacher_module, student_module]"
+            )
+        pairs.append((str(pair[0]), str(pair[1])))
+    return pairs
+
+
+def dummy_unet_inputs(config: Mapping[str, Any], batch: int, latent_size: int, device, dtype=torch.float32) -> dict:
+    """Inputs of the right shapes for one forward of a U-Net with this config."""
+    kw = dict(device=device, dtype=dtype)
+    inputs = {
+        "sample": torch.zeros(batch, config["in_channels"], latent_size, latent_size, **kw),
+        "timestep": torch.zeros(batch, device=device, dtype=torch.long),
+        "encoder_hidden_states": torch.zeros(batch, 77, config["cross_attention_dim"], **kw),
+    }
+    if config.get("addition_embed_type") == "text_time":
+        time_dim = config["addition_time_embed_dim"] * 6
+        text_dim = config["projection_class_embeddings_input_dim"] - time_dim
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(batch, text_dim, **kw),
+            "time_ids": torch.zeros(batch, 6, **kw),
+        }
+    return inputs
+
+
+@torch.no_grad()
+def feature_shapes(unet_cls: type, config: Mapping[str, Any], names: Sequence[str], latent_size: int) -> dict[str, tuple]:
+    """Shapes of the tapped features for one batch-1 forward, computed on the meta device so
+    that it costs nothing even for SDXL-sized U-Nets."""
+    with torch.device("meta"):
+        model = unet_cls.from_config(dict(config))
+    taps = FeatureTaps(model, names)
+    model(**dummy_unet_inputs(config, 1, latent_size, "meta"))
+    return {name: tuple(t.shape) for name, t in zip(taps.names, taps.pop())}
+
+
+def check_pair_shapes(teacher, student, pairs: Sequence[FeaturePair], latent_size: int) -> dict[FeaturePair, tuple]:
+    """Report every pair whose teacher and student features differ in shape, before training."""
+    t_shapes = feature_shapes(type(teacher), teacher.config, [t for t, _ in pairs], latent_size)
+    s_shapes = feature_shapes(type(student), student.config, [s for _, s in pairs], latent_size)
+    problems = [
+        f"pair {i} (teacher '{t}' -> student '{s}'): teacher {t_shapes[t]} vs student {s_shapes[s]}"
+        for i, (t, s) in enumerate(pairs)
+        if t_shapes[t] != s_shapes[s]
+    ]
+    if problems:
+        raise FeaturePairError(
+            f"feature pairs with different shapes at {latent_size}x{latent_size} latents:\n  "
+            + "\n  ".join(problems)
+        )
+    return {(t, s): t_shapes[t] for t, s in pairs}

@@ -1,0 +1,53 @@
+"""Teacher-vs-student sample grids: same prompts, same seeds, same sampler."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from PIL import Image, ImageDraw
+
+
+def build_sampler(scheduler_cfg: Any, base_scheduler) -> tuple[Any, int]:
+    """The ``scheduler=`` group: a diffusers scheduler class built from the teacher's scheduler
+    config (so betas and prediction type match) and a step count."""
+    from hydra.utils import get_class
+
+    cls = get_class(scheduler_cfg["_target_"])
+    return cls.from_config(base_scheduler.config), int(scheduler_cfg.get("num_inference_steps", 25))
+
+
+def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@torch.no_grad()
+def generate(pipe, prompts: Sequence[str], seed: int, steps: int, guidance_scale: float, resolution: int) -> list[Image.Image]:
+    """One image per prompt; prompt i always starts from the noise of seed + i."""
+    device = pipe.unet.device
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for i, prompt in enumerate(prompts):
+        gen = torch.Generator(device=device).manual_seed(seed + i)
+        out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                   height=resolution, width=resolution, generator=gen)
+        images.append(out.images[0])
+    return images
+
+
+def grid(rows: dict[str, list[Image.Image]], cell: int = 128) -> Image.Image:
+    """One labelled row per model, one column per prompt."""
+    label_w = 80
+    ncols = max(len(v) for v in rows.values())
+    canvas = Image.new("RGB", (label_w + ncols * cell, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows.items()):
+        draw.text((4, r * cell + cell // 2 - 6), label, fill="black")
+        for c, img in enumerate(images):
+            canvas.paste(img.resize((cell, cell), Image.NEAREST), (label_w + c * cell, r * cell))
+    return canvas

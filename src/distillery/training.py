@@ -1,0 +1,173 @@
+"""The training run, top to bottom: validate, seed, build, fit, export, summarise."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from distillery.config import ConfigError, validate
+from distillery.models.features import check_pair_shapes, resolve_pairs
+from distillery.models.students import build_student
+from distillery.models.teacher import TINY_RANDOM, load_teacher, resolve_dtype
+from distillery.tracking import make_loggers
+
+log = logging.getLogger(__name__)
+
+
+def _on_gpu(trainer_cfg: DictConfig) -> bool:
+    return trainer_cfg.get("accelerator", "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def resolve_precision(trainer_cfg: DictConfig) -> str:
+    """``auto``: the student trains in bf16-mixed on a GPU that has bf16, in float32 otherwise."""
+    precision = str(trainer_cfg.get("precision", "auto"))
+    if precision != "auto":
+        return precision
+    if _on_gpu(trainer_cfg) and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def latent_size(resolution: int, vae) -> int:
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % factor:
+        raise ConfigError(f"data.resolution={resolution} is not a multiple of the VAE's downsampling factor {factor}")
+    return resolution // factor
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Everything fit needs, built from a validated config."""
+    on_gpu = _on_gpu(cfg.trainer)
+    teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed)
+    student, _ = build_student(teacher.unet, cfg.arch.rule, rule_name=cfg.arch.name)
+    rule = OmegaConf.to_container(cfg.arch.rule, resolve=True)
+    pairs = resolve_pairs(
+        OmegaConf.to_container(cfg.arch.features.pairs, resolve=True)
+        if OmegaConf.is_config(cfg.arch.features.pairs) else cfg.arch.features.pairs,
+        teacher.unet.config, student.config, rule.get("drop_stages", []),
+        bool(cfg.arch.features.get("include_mid", False)),
+    )
+    size = latent_size(cfg.data.resolution, teacher.vae)
+    if pairs:
+        check_pair_shapes(teacher.unet, student, pairs, size)
+    frozen_dtype = resolve_dtype(cfg.arch.teacher_dtype, on_gpu)
+    teacher.freeze(frozen_dtype)
+
+    teacher_src = cfg.arch.teacher
+    if teacher_src != TINY_RANDOM and Path(teacher_src).expanduser().exists():
+        teacher_src = str(Path(teacher_src).expanduser().resolve())
+    loss = instantiate(cfg.loss)
+    export_info = {
+        "arch": cfg.arch.name,
+        "teacher": teacher_src,
+        "teacher_seed": int(cfg.seed),
+        "rule": rule,
+        "student_config": dict(student.config),
+        "feature_pairs": [list(p) for p in pairs],
+        "loss": {"task": loss.weights.task, "output": loss.weights.output, "feature": loss.weights.feature},
+        "prediction_type": teacher.prediction_type,
+        "resolution": int(cfg.data.resolution),
+    }
+    # Live objects are passed to the partial, not through instantiate (which would turn them
+    # into configs).
+    model = instantiate(cfg.method, _partial_=True)(
+        teacher=teacher,
+        student=student,
+        feature_pairs=pairs,
+        loss=loss,
+        optimizer=instantiate(cfg.optim.optimizer),
+        lr_scheduler=OmegaConf.to_container(cfg.optim.lr_scheduler, resolve=True),
+        seed=cfg.seed,
+        frozen_dtype=frozen_dtype,
+        export_info=export_info,
+    )
+    datamodule = instantiate(cfg.data)
+    return {"teacher": teacher, "student": student, "pairs": pairs, "model": model, "datamodule": datamodule}
+
+
+def _checkpoint_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.callbacks.model_checkpoint.dirpath) if cfg.get("callbacks") and cfg.callbacks.get("model_checkpoint") \
+        else Path(cfg.paths.output_dir) / "checkpoints"
+
+
+def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    if cfg.get("ckpt_path") != "last":
+        return cfg.get("ckpt_path")
+    last = _checkpoint_dir(cfg) / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError(
+            f"ckpt_path=last but {last} does not exist. To resume a run, point Hydra at its folder: "
+            "python src/train.py ckpt_path=last hydra.run.dir=<outputs/.../the run's folder> (with the run's overrides)"
+        )
+    return str(last)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    validate(cfg)
+    ckpt_path = _resolve_ckpt_path(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+    parts = build(cfg)
+    model, datamodule = parts["model"], parts["datamodule"]
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    loggers = make_loggers(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer)
+    )
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    log.info("teacher %s -> student %s: %s -> %s U-Net params, %d feature pairs",
+             cfg.arch.teacher, cfg.arch.name,
+             f"{sum(p.numel() for p in parts['teacher'].unet.parameters()):,}",
+             f"{sum(p.numel() for p in parts['student'].parameters()):,}", len(parts["pairs"]))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    # Checkpoints are written every N steps; make sure the final step is on disk too.
+    ckpt_dir = _checkpoint_dir(cfg)
+    ckpt_cb = trainer.checkpoint_callback
+    if ckpt_cb is not None and getattr(ckpt_cb, "_last_global_step_saved", -1) != trainer.global_step:
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    result: dict[str, Any] = {"run_dir": run_dir, "global_step": trainer.global_step,
+                              "checkpoint": ckpt_dir / "last.ckpt",
+                              "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+    if cfg.get("export_at_end") and trainer.is_global_zero and (ckpt_dir / "last.ckpt").is_file():
+        result.update(finish(cfg, parts, ckpt_dir / "last.ckpt", run_dir, loggers))
+    for lg in loggers:
+        lg.finalize("success")
+    return result
+
+
+def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: list) -> dict[str, Any]:
+    """Export the student and draw a teacher-vs-student grid, same prompts and seeds."""
+    from distillery.export import export_student
+    from distillery.sampling import build_sampler, generate, grid, make_pipeline
+
+    teacher = parts["teacher"]
+    ema = parts["model"].ema is not None
+    export_dir = export_student(ckpt, run_dir / "student", ema=ema, teacher=teacher)
+    from diffusers import UNet2DConditionModel
+
+    student = UNet2DConditionModel.from_pretrained(export_dir / "unet")
+    sampler, steps = build_sampler(cfg.scheduler, teacher.sampling_scheduler)
+    res = cfg.eval.get("resolution") or cfg.data.resolution
+    prompts = list(cfg.eval.prompts)
+    device, dtype = teacher.unet.device, teacher.unet.dtype
+    student.to(device=device, dtype=dtype)
+    rows = {}
+    for label, unet in (("teacher", teacher.unet), ("student", student)):
+        pipe = make_pipeline(unet, teacher.vae, teacher.text_encoder, teacher.tokenizer, sampler)
+        rows[label] = generate(pipe, prompts, cfg.eval.seed, steps, cfg.eval.guidance_scale, res)
+    image = grid(rows)
+    grid_path = run_dir / "samples.png"
+    image.save(grid_path)
+    for lg in loggers:
+        if hasattr(lg, "log_image"):
+            lg.log_image("samples/teacher_vs_student", [image], caption=[" | ".join(prompts)])
+    return {"export_dir": export_dir, "samples": grid_path}

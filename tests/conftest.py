@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny models built from config, hubs and W&B kept offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    for key, value in {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "HF_HOME": str(home / "hf"),
+        "WANDB_DIR": str(home / "wandb"),
+        "WANDB_CACHE_DIR": str(home / "wandb-cache"),
+        "DISTILLERY_ROOT": str(ROOT),
+    }.items():
+        os.environ[key] = value
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory) -> Path:
+    """A complete tiny SD pipeline saved with save_pretrained (epsilon prediction)."""
+    from distillery.models.tiny import save_tiny_sd_pipeline
+
+    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd") / "pipe", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v_folder(tmp_path_factory) -> Path:
+    """The same tiny pipeline with a v-prediction scheduler."""
+    from distillery.models.tiny import save_tiny_sd_pipeline
+
+    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd_v") / "pipe", seed=0, prediction_type="v_prediction")
