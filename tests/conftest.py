@@ -40,3 +40,24 @@ def tiny_sd_v_folder(tmp_path_factory) -> Path:
     from distillery.models.tiny import save_tiny_sd_pipeline
 
     return save_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd_v") / "pipe", seed=0, prediction_type="v_prediction")
+
+
+def compose_train(overrides: list[str], run_dir: Path):
+    """The real training config, composed as `python src/train.py <overrides>` would, with
+    the run folder in a temp dir."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+        del cfg["hydra"]
+    return cfg
+
+
+# Small and quick: batch 2, 64 px, CSV logging every step, no end-of-run export.
+FAST = ["data.batch_size=2", "logger=csv", "trainer.log_every_n_steps=1", "export_at_end=false",
+        "trainer.accelerator=cpu"]

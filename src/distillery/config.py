@@ -45,8 +45,8 @@ class ArchSchema:
     name: str = "student"
     teacher: str = "tiny-random"
     teacher_dtype: str = "auto"
-    rule: RuleSchema = field(default_factory=RuleSchema)
-    features: FeaturesSchema = field(default_factory=FeaturesSchema)
+    rule: Any = None  # checked against RuleSchema on its own
+    features: Any = None  # checked against FeaturesSchema on its own
 
 
 @dataclass
@@ -70,22 +70,25 @@ def _typed(section: Any, schema: type, where: str, problems: list[str]) -> Optio
 
 
 def _check_arch(arch: Any, problems: list[str]) -> None:
+    # Each part is checked on its own, so a typo in one does not hide the problems of another.
     typed = _typed(arch, ArchSchema, "arch", problems)
-    if typed is None:
-        return
-    if typed.teacher_dtype not in DTYPE_NAMES:
+    if typed is not None and typed.teacher_dtype not in DTYPE_NAMES:
         problems.append(f"arch.teacher_dtype={typed.teacher_dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
-    rule = typed.rule
-    bad = [f for f in rule.families if f not in FAMILIES]
-    if bad or not rule.families:
-        problems.append(f"arch.rule.families={list(rule.families)}: each must be one of {', '.join(FAMILIES)}")
-    if rule.mid_block not in MID_BLOCK_KINDS:
-        problems.append(f"arch.rule.mid_block={rule.mid_block!r} is not one of {', '.join(MID_BLOCK_KINDS)}")
-    if rule.layers_per_block is not None and rule.layers_per_block < 1:
-        problems.append(f"arch.rule.layers_per_block={rule.layers_per_block} must be >= 1 (or null to keep the teacher's)")
-    if any(s < 0 for s in rule.drop_stages):
-        problems.append(f"arch.rule.drop_stages={list(rule.drop_stages)} must hold stage indices >= 0")
-    pairs = typed.features.pairs
+    rule = _typed(arch.get("rule") or {}, RuleSchema, "arch.rule", problems)
+    if rule is not None:
+        bad = [f for f in rule.families if f not in FAMILIES]
+        if bad or not rule.families:
+            problems.append(f"arch.rule.families={list(rule.families)}: each must be one of {', '.join(FAMILIES)}")
+        if rule.mid_block not in MID_BLOCK_KINDS:
+            problems.append(f"arch.rule.mid_block={rule.mid_block!r} is not one of {', '.join(MID_BLOCK_KINDS)}")
+        if rule.layers_per_block is not None and rule.layers_per_block < 1:
+            problems.append(f"arch.rule.layers_per_block={rule.layers_per_block} must be >= 1 (or null to keep the teacher's)")
+        if any(s < 0 for s in rule.drop_stages):
+            problems.append(f"arch.rule.drop_stages={list(rule.drop_stages)} must hold stage indices >= 0")
+    features = _typed(arch.get("features") or {}, FeaturesSchema, "arch.features", problems)
+    if features is None:
+        return
+    pairs = features.pairs
     if isinstance(pairs, str):
         if pairs not in ("stages", "none"):
             problems.append(f"arch.features.pairs={pairs!r}: expected 'stages', 'none' or a list of [teacher, student] module names")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from distillery.models.teacher import Teacher, load_teacher
+from distillery.models.teacher import Teacher, load_teacher, place
 from distillery.sampling import make_pipeline
 
 
@@ -87,12 +87,12 @@ def export_student(ckpt_path: str | Path, out_dir: str | Path, ema: bool = False
     out.mkdir(parents=True, exist_ok=True)
     try:
         for module in frozen:
-            module.to(device="cpu", dtype=torch.float32)
+            place(module, "cpu", torch.float32)
         pipe = make_pipeline(unet, teacher.vae, teacher.text_encoder, teacher.tokenizer, teacher.sampling_scheduler)
         pipe.save_pretrained(out, safe_serialization=True)
     finally:
         for module, (device, dtype) in zip(frozen, placement):
-            module.to(device=device, dtype=dtype)
+            place(module, device, dtype)
     params = sum(p.numel() for p in unet.parameters())
     (out / "README.md").write_text(model_card(info, int(ckpt.get("global_step", 0)), ema, params))
     return out

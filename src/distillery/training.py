@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from distillery.config import ConfigError, validate
 from distillery.models.features import check_pair_shapes, resolve_pairs
 from distillery.models.students import build_student
-from distillery.models.teacher import TINY_RANDOM, load_teacher, resolve_dtype
+from distillery.models.teacher import TINY_RANDOM, load_teacher, place, resolve_dtype
 from distillery.tracking import make_loggers
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     parts = build(cfg)
     model, datamodule = parts["model"], parts["datamodule"]
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     loggers = make_loggers(cfg.get("logger"))
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    if not loggers:  # logger=none: there is nowhere to send the learning rate
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer)
     )
@@ -159,7 +162,7 @@ def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: lis
     res = cfg.eval.get("resolution") or cfg.data.resolution
     prompts = list(cfg.eval.prompts)
     device, dtype = teacher.unet.device, teacher.unet.dtype
-    student.to(device=device, dtype=dtype)
+    place(student, device, dtype)
     rows = {}
     for label, unet in (("teacher", teacher.unet), ("student", student)):
         pipe = make_pipeline(unet, teacher.vae, teacher.text_encoder, teacher.tokenizer, sampler)

@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from distillery.losses import KDLoss
 from distillery.models.features import FeaturePair, FeatureTaps
-from distillery.models.teacher import Teacher
+from distillery.models.teacher import Teacher, place
 
 
 def diffusion_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -74,7 +74,6 @@ class ArchKD(L.LightningModule):
         self.seed = int(seed)
         self.frozen_dtype = frozen_dtype
         self.export_info = dict(export_info or {})
-        self._ema_step = 0
 
     # ---- frozen parts -------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -85,8 +84,7 @@ class ArchKD(L.LightningModule):
 
     def on_fit_start(self) -> None:
         for module in self.teacher.frozen_modules.values():
-            module.to(device=self.device, dtype=self.frozen_dtype)
-        self._ema_step = self.trainer.global_step
+            place(module, self.device, self.frozen_dtype)
 
     # ---- inputs ---------------------------------------------------------------------------
     def _generator(self, batch_idx: int) -> torch.Generator:
@@ -139,11 +137,12 @@ class ArchKD(L.LightningModule):
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=bs)
         return terms["loss"]
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # Update the EMA once per optimizer step, not once per accumulated micro-batch.
-        if self.ema is not None and self.trainer.global_step > self._ema_step:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: once per real optimizer step (not per
+        # accumulated micro-batch), and before the checkpoint callback saves the step.
+        if self.ema is not None:
             self.ema.update_parameters(self.student)
-            self._ema_step = self.trainer.global_step
 
     def configure_optimizers(self):
         from diffusers.optimization import get_scheduler

@@ -99,7 +99,9 @@ def stage_pairs(
             f"student has {len(student_config['down_block_types'])} stages but the rule keeps {m}"
         )
     pairs = [(f"down_blocks.{kept[i]}", f"down_blocks.{i}") for i in range(m)]
-    if include_mid and teacher_config.get("mid_block_type", "") and student_config.get("mid_block_type", ""):
+    # A config without the key has diffusers' default mid block (the shipped hub configs omit it).
+    has_mid = [cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None for cfg in (teacher_config, student_config)]
+    if include_mid and all(has_mid):
         pairs.append(("mid_block", "mid_block"))
     pairs += [(f"up_blocks.{n - 1 - kept[m - 1 - j]}", f"up_blocks.{j}") for j in range(m)]
     return pairs

@@ -52,10 +52,21 @@ class Teacher:
     def freeze(self, dtype: torch.dtype) -> "Teacher":
         """Eval mode, no gradients, low precision: the teacher only ever infers."""
         for module in self.frozen_modules.values():
-            module.requires_grad_(False).eval()
-            if next(module.parameters()).dtype != dtype:
-                module.to(dtype=dtype)
+            place(module.requires_grad_(False).eval(), dtype=dtype)
         return self
+
+
+def place(module: nn.Module, device=None, dtype: torch.dtype | None = None) -> nn.Module:
+    """Move/cast only what differs: diffusers warns on every dtype cast, even a no-op one."""
+    p = next(module.parameters())
+    kwargs = {}
+    if device is not None:
+        want = torch.device(device)
+        if p.device.type != want.type or (want.index is not None and p.device.index != want.index):
+            kwargs["device"] = want
+    if dtype is not None and p.dtype != dtype:
+        kwargs["dtype"] = dtype
+    return module.to(**kwargs) if kwargs else module
 
 
 def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
