@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from distillery.config import ConfigError
@@ -12,6 +13,26 @@ from distillery.models.students import StudentRuleError
 from distillery.models.teacher import TeacherLoadError
 
 USER_ERRORS = (ConfigError, StudentRuleError, TeacherLoadError, FeaturePairError, ExportError)
+
+
+def tidy_logging() -> None:
+    """One line per log record: `import lightning` gives its logger a console handler of its
+    own, which doubles every message once Hydra has configured the root logger."""
+    import logging
+
+    import lightning  # noqa: F401  (its handler is added on import)
+
+    if logging.getLogger().handlers:
+        logging.getLogger("lightning").handlers.clear()
+
+    class _NoAdverts(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "litlogger" not in record.getMessage()
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")  # Lightning vs torch 2.13
 
 
 def require(cfg: Any, usage: str) -> None:
@@ -38,6 +59,8 @@ def report(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="distillery run", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
     rows = {
         "run folder": result.get("run_dir"),
         "steps": result.get("global_step"),
@@ -47,6 +70,8 @@ def report(result: dict[str, Any]) -> None:
     }
     for key, value in rows.items():
         if value is not None:
+            if isinstance(value, Path) and value.resolve().is_relative_to(Path.cwd()):
+                value = value.resolve().relative_to(Path.cwd())
             table.add_row(key, str(value))
     for key, value in sorted(result.get("metrics", {}).items()):
         table.add_row(key, f"{value:.4g}")

@@ -76,13 +76,9 @@ class ArchKD(L.LightningModule):
         self.export_info = dict(export_info or {})
 
     # ---- frozen parts -------------------------------------------------------------------
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for module in self.teacher.frozen_modules.values():
-            module.eval()  # Lightning calls .train() on the whole module; the teacher stays in eval
-        return self
-
     def on_fit_start(self) -> None:
+        # Lightning moves and .train()s submodules only; the frozen parts stay in eval mode and
+        # are placed here, in their low-precision dtype.
         for module in self.teacher.frozen_modules.values():
             place(module, self.device, self.frozen_dtype)
 
