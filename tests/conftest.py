@@ -61,3 +61,11 @@ def compose_train(overrides: list[str], run_dir: Path):
 # Small and quick: batch 2, 64 px, CSV logging every step, no end-of-run export.
 FAST = ["data.batch_size=2", "logger=csv", "trainer.log_every_n_steps=1", "export_at_end=false",
         "trainer.accelerator=cpu"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory) -> Path:
+    """A complete tiny SDXL pipeline (two text encoders, text_time conditioning) saved to disk."""
+    from distillery.models.tiny import save_tiny_sdxl_pipeline
+
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl") / "pipe", seed=0)

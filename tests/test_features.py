@@ -37,7 +37,10 @@ BK_STAGE_PAIRS = [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(4)] + 
 # Segmind small: d0-d3, mid, u0-u3.
 SEGMIND_SMALL_PAIRS = BK_STAGE_PAIRS[:4] + [("mid_block", "mid_block")] + BK_STAGE_PAIRS[4:]
 # Published number of feature pairs of each shipped arch.
-PUBLISHED_PAIR_COUNT = {"bk_base": 8, "bk_small": 8, "bk_tiny": 6, "small_sd": 9, "tiny_sd": 6, "demo": 8}
+PUBLISHED_PAIR_COUNT = {"bk_base": 8, "bk_small": 8, "bk_tiny": 6, "small_sd": 9, "tiny_sd": 6, "demo": 8,
+                        # SSD-1B: every resnet and attention (10 down, 1 mid, 15 up); KOALA: one self-attention
+                        # per transformer module
+                        "ssd1b": 26, "vega": 26, "koala_1b": 7, "koala_700m": 6}
 ARCH_NAMES = sorted(p.stem for p in (CONF_DIR / "arch").glob("*.yaml"))
 
 
@@ -137,7 +140,7 @@ def test_resolve_pairs_specs(sd14):
 
 @pytest.mark.parametrize("spec", ["stage", "all", "down_blocks.0"])
 def test_resolve_pairs_rejects_a_bad_spec_string(spec):
-    with pytest.raises(FeaturePairError, match=f"arch.features.pairs={spec!r}.*'stages', 'none'"):
+    with pytest.raises(FeaturePairError, match=f"arch.features.pairs={spec!r}.*stages, modules, self_attention, none"):
         resolve_pairs(spec, SD14, SD14)
 
 

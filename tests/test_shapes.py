@@ -47,6 +47,23 @@ def test_tensor_format_and_range(resolution):
     assert x.max() - x.min() > 0.5  # a shape was drawn on a contrasting background
 
 
+@pytest.mark.parametrize("resolution", [16, 64])
+def test_sdxl_size_and_crop_conditioning(resolution):
+    ds = ShapesDataset(size=6, resolution=resolution, seed=1)
+    item = ds[2]
+    assert item["original_size"].dtype == torch.long and item["crop_top_left"].dtype == torch.long
+    assert item["original_size"].tolist() == [resolution, resolution] == list(item["pixel_values"].shape[1:])
+    assert item["crop_top_left"].tolist() == [0, 0]
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
+    assert batch["original_size"].shape == (3, 2) and batch["crop_top_left"].shape == (3, 2)
+    assert batch["original_size"].dtype == torch.long
+    assert torch.equal(batch["original_size"], torch.tensor([[resolution, resolution]] * 3))
+    assert torch.equal(batch["crop_top_left"], torch.zeros(3, 2, dtype=torch.long))
+    # SDXL's time ids for these samples: original size, crop top-left, target size.
+    time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["original_size"]], dim=1)
+    assert time_ids.tolist() == [[resolution, resolution, 0, 0, resolution, resolution]] * 3
+
+
 def test_caption_matches_attributes():
     ds = ShapesDataset(size=300, seed=2)
     vocab = set(caption_vocabulary())

@@ -32,6 +32,11 @@ class RuleSchema:
     drop_stages: list[int] = field(default_factory=list)
     layers_per_block: Optional[int] = None
     mid_block: str = "keep"
+    # Transformer blocks per attention module (SDXL students). Each entry: an int (every layer of
+    # that block) or a list with one int per layer, so the element type is checked by hand below.
+    transformer_depth: Optional[list[Any]] = None  # per kept stage, outermost first; null = teacher's
+    transformer_depth_up: Optional[list[Any]] = None  # per student up block, innermost first; null = mirror
+    transformer_init: str = "first"  # which teacher blocks the kept ones copy: first | even
 
 
 @dataclass
@@ -71,6 +76,8 @@ def _typed(section: Any, schema: type, where: str, problems: list[str]) -> Optio
 
 def _check_arch(arch: Any, problems: list[str]) -> None:
     # Each part is checked on its own, so a typo in one does not hide the problems of another.
+    transformer_inits = ("first", "even")
+    feature_specs = ("stages", "none", "modules", "self_attention")
     typed = _typed(arch, ArchSchema, "arch", problems)
     if typed is not None and typed.teacher_dtype not in DTYPE_NAMES:
         problems.append(f"arch.teacher_dtype={typed.teacher_dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
@@ -85,13 +92,41 @@ def _check_arch(arch: Any, problems: list[str]) -> None:
             problems.append(f"arch.rule.layers_per_block={rule.layers_per_block} must be >= 1 (or null to keep the teacher's)")
         if any(s < 0 for s in rule.drop_stages):
             problems.append(f"arch.rule.drop_stages={list(rule.drop_stages)} must hold stage indices >= 0")
+        if rule.transformer_init not in transformer_inits:
+            problems.append(
+                f"arch.rule.transformer_init={rule.transformer_init!r} is not one of {', '.join(transformer_inits)}"
+            )
+        depths = {}
+        for key in ("transformer_depth", "transformer_depth_up"):
+            value = rule[key]
+            if value is None:
+                continue
+            value = OmegaConf.to_container(value)
+            depths[key] = value
+            for i, entry in enumerate(value):
+                is_int = isinstance(entry, int) and not isinstance(entry, bool)
+                is_layers = isinstance(entry, list) and entry and all(
+                    isinstance(d, int) and not isinstance(d, bool) for d in entry
+                )
+                if not (is_int or is_layers) or min(entry if is_layers else [entry]) < 1:
+                    problems.append(
+                        f"arch.rule.{key}[{i}]={entry!r}: expected an integer >= 1 or a list of integers >= 1 "
+                        "(one per layer), or null for the whole list"
+                    )
+        down = depths.get("transformer_depth")
+        if down is not None and "transformer_depth_up" not in depths and any(isinstance(e, list) for e in down):
+            problems.append(
+                f"arch.rule.transformer_depth={down}: per-layer lists need arch.rule.transformer_depth_up "
+                "(null mirrors transformer_depth only when it holds integers)"
+            )
     features = _typed(arch.get("features") or {}, FeaturesSchema, "arch.features", problems)
     if features is None:
         return
     pairs = features.pairs
     if isinstance(pairs, str):
-        if pairs not in ("stages", "none"):
-            problems.append(f"arch.features.pairs={pairs!r}: expected 'stages', 'none' or a list of [teacher, student] module names")
+        if pairs not in feature_specs:
+            expected = ", ".join(repr(p) for p in feature_specs)
+            problems.append(f"arch.features.pairs={pairs!r}: expected one of {expected} or a list of [teacher, student] module names")
     elif pairs is not None:
         for i, pair in enumerate(pairs):
             if isinstance(pair, str) or len(pair) != 2:

@@ -45,7 +45,7 @@ def student_from_checkpoint(ckpt: dict, ema: bool = False):
     return unet
 
 
-def model_card(info: dict, step: int, ema: bool, params: int) -> str:
+def model_card(info: dict, step: int, ema: bool, params: int, pipeline: str = "StableDiffusionPipeline") -> str:
     teacher = info["teacher"]
     base = f"base_model: {teacher}\n" if "/" in teacher and not Path(teacher).exists() else ""
     loss = info.get("loss", {})
@@ -65,8 +65,8 @@ The VAE, text encoder, tokenizer and scheduler are the teacher's.
 - prediction type: {info.get('prediction_type')}; training resolution: {info.get('resolution')} px
 
 ```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("<this folder>")
+from diffusers import {pipeline}
+pipe = {pipeline}.from_pretrained("<this folder>")
 image = pipe("a prompt", num_inference_steps=25).images[0]
 ```
 """
@@ -81,18 +81,19 @@ def export_student(ckpt_path: str | Path, out_dir: str | Path, ema: bool = False
         teacher = load_teacher(info["teacher"], seed=info.get("teacher_seed", 0))
     # The frozen parts may sit on a GPU in bf16 inside a training run: save float32 copies of
     # their weights (as the hub pipelines ship) and give them back as they were.
-    frozen = [teacher.vae, teacher.text_encoder]
+    frozen = [m for name, m in teacher.frozen_modules.items() if name != "teacher_unet"]
     placement = [(next(m.parameters()).device, next(m.parameters()).dtype) for m in frozen]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
         for module in frozen:
             place(module, "cpu", torch.float32)
-        pipe = make_pipeline(unet, teacher.vae, teacher.text_encoder, teacher.tokenizer, teacher.sampling_scheduler)
+        pipe = make_pipeline(teacher, unet)
         pipe.save_pretrained(out, safe_serialization=True)
     finally:
         for module, (device, dtype) in zip(frozen, placement):
             place(module, device, dtype)
     params = sum(p.numel() for p in unet.parameters())
-    (out / "README.md").write_text(model_card(info, int(ckpt.get("global_step", 0)), ema, params))
+    card = model_card(info, int(ckpt.get("global_step", 0)), ema, params, type(pipe).__name__)
+    (out / "README.md").write_text(card)
     return out

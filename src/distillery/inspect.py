@@ -92,9 +92,9 @@ def vae_scale_factor(teacher: str) -> int:
     """Pixels per latent: read from a local pipeline's VAE config; 8 for the SD family."""
     from pathlib import Path
 
-    from distillery.models.teacher import TINY_RANDOM
+    from distillery.models.teacher import TINY_RANDOM, TINY_RANDOM_XL
 
-    if teacher == TINY_RANDOM:
+    if teacher in (TINY_RANDOM, TINY_RANDOM_XL):
         from distillery.models.tiny import tiny_vae
 
         channels = tiny_vae().config.block_out_channels
@@ -125,7 +125,7 @@ def inspect_arch(arch: Mapping, resolution: int | None = None) -> dict:
     pairs_spec = arch.features.pairs
     pairs_spec = OmegaConf.to_container(pairs_spec) if OmegaConf.is_config(pairs_spec) else pairs_spec
     pairs = resolve_pairs(pairs_spec, teacher.config, student.config, rule.get("drop_stages", []),
-                          bool(arch.features.get("include_mid", False)))
+                          bool(arch.features.get("include_mid", False)), rule=rule)
     factor = vae_scale_factor(arch.teacher)
     resolution = resolution or teacher.config.sample_size * factor
     latent = resolution // factor

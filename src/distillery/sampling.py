@@ -17,12 +17,20 @@ def build_sampler(scheduler_cfg: Any, base_scheduler) -> tuple[Any, int]:
     return cls.from_config(base_scheduler.config), int(scheduler_cfg.get("num_inference_steps", 25))
 
 
-def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler):
-    from diffusers import StableDiffusionPipeline
+def make_pipeline(teacher, unet, scheduler=None):
+    """A diffusers pipeline of the teacher's VAE, text encoder(s), tokenizer(s) and `unet`."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    scheduler = scheduler if scheduler is not None else teacher.sampling_scheduler
+    if teacher.is_sdxl:
+        return StableDiffusionXLPipeline(
+            vae=teacher.vae, text_encoder=teacher.text_encoder, text_encoder_2=teacher.text_encoder_2,
+            tokenizer=teacher.tokenizer, tokenizer_2=teacher.tokenizer_2, unet=unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=True, add_watermarker=False,
+        )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 

@@ -52,7 +52,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         OmegaConf.to_container(cfg.arch.features.pairs, resolve=True)
         if OmegaConf.is_config(cfg.arch.features.pairs) else cfg.arch.features.pairs,
         teacher.unet.config, student.config, rule.get("drop_stages", []),
-        bool(cfg.arch.features.get("include_mid", False)),
+        bool(cfg.arch.features.get("include_mid", False)), rule=rule,
     )
     size = latent_size(cfg.data.resolution, teacher.vae)
     if pairs:
@@ -165,7 +165,7 @@ def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: lis
     place(student, device, dtype)
     rows = {}
     for label, unet in (("teacher", teacher.unet), ("student", student)):
-        pipe = make_pipeline(unet, teacher.vae, teacher.text_encoder, teacher.tokenizer, sampler)
+        pipe = make_pipeline(teacher, unet, sampler)
         rows[label] = generate(pipe, prompts, cfg.eval.seed, steps, cfg.eval.guidance_scale, res)
     image = grid(rows)
     grid_path = run_dir / "samples.png"

@@ -163,4 +163,8 @@ class ShapesDataset(torch.utils.data.Dataset):
             "pixel_values": to_tensor(render(attrs, self.resolution)),
             "caption": caption(attrs),
             "attributes": attrs,
+            # SDXL micro-conditioning, (height, width) and (top, left): every image is drawn
+            # directly at the target resolution, so it is its own original and is never cropped.
+            "original_size": torch.tensor([self.resolution, self.resolution], dtype=torch.long),
+            "crop_top_left": torch.tensor([0, 0], dtype=torch.long),
         }

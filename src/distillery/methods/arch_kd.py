@@ -11,6 +11,7 @@ alone; ``on_fit_start`` moves them to the device.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import lightning as L
@@ -21,6 +22,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from distillery.losses import KDLoss
 from distillery.models.features import FeaturePair, FeatureTaps
 from distillery.models.teacher import Teacher, place
+
+log = logging.getLogger(__name__)
 
 
 def diffusion_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -74,13 +77,14 @@ class ArchKD(L.LightningModule):
         self.seed = int(seed)
         self.frozen_dtype = frozen_dtype
         self.export_info = dict(export_info or {})
+        self._warned_micro_conditioning = False
 
     # ---- frozen parts -------------------------------------------------------------------
     def on_fit_start(self) -> None:
         # Lightning moves and .train()s submodules only; the frozen parts stay in eval mode and
         # are placed here, in their low-precision dtype.
         for module in self.teacher.frozen_modules.values():
-            place(module, self.device, self.frozen_dtype)
+            place(module, self.device)  # the dtypes were set by Teacher.freeze
 
     # ---- inputs ---------------------------------------------------------------------------
     def _generator(self, batch_idx: int) -> torch.Generator:
@@ -91,23 +95,37 @@ class ArchKD(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(key % (2**63))
 
     @torch.no_grad()
-    def encode_prompts(self, captions: Sequence[str]) -> Tensor:
-        tok = self.teacher.tokenizer
-        ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids.to(self.device)
-        return self.teacher.text_encoder(ids)[0]
+    def encode_conditioning(self, batch: dict) -> tuple[Tensor, dict | None]:
+        """Text embeddings, and for SDXL the added conditioning: the pooled text embedding and
+        the six micro-conditioning time ids (original size, crop top-left, target size)."""
+        text, pooled = self.teacher.encode_prompts(list(batch["caption"]), self.device)
+        if pooled is None:
+            return text, None
+        pixels = batch["pixel_values"]
+        n, target = pixels.shape[0], torch.tensor(pixels.shape[-2:], device=self.device)
+        if "original_size" in batch and "crop_top_left" in batch:
+            original = torch.as_tensor(batch["original_size"], device=self.device).view(n, 2)
+            crop = torch.as_tensor(batch["crop_top_left"], device=self.device).view(n, 2)
+        else:
+            if not self._warned_micro_conditioning:
+                log.warning("the data gives no original_size / crop_top_left: SDXL's micro-conditioning "
+                            "uses the target size %s and crop (0, 0) for every sample", tuple(target.tolist()))
+                self._warned_micro_conditioning = True
+            original, crop = target.expand(n, 2), torch.zeros(n, 2, device=self.device, dtype=target.dtype)
+        time_ids = torch.cat([original, crop, target.expand(n, 2)], dim=1).to(text.dtype)
+        return text, {"text_embeds": pooled, "time_ids": time_ids}
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor, generator: torch.Generator) -> Tensor:
         vae = self.teacher.vae
-        dist = vae.encode(pixels.to(self.device, self.frozen_dtype)).latent_dist
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
         return dist.sample(generator=generator).float() * vae.config.scaling_factor
 
     # ---- training ---------------------------------------------------------------------------
     def kd_terms(self, batch: dict, gen: torch.Generator) -> dict[str, Tensor]:
         """The loss terms of one batch, with noise and timesteps drawn from ``gen``."""
         latents = self.encode_images(batch["pixel_values"], gen)
-        text = self.encode_prompts(batch["caption"])
+        text, added = self.encode_conditioning(batch)
         scheduler = self.teacher.noise_scheduler
         noise = torch.randn(latents.shape, generator=gen, device=self.device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
@@ -118,11 +136,16 @@ class ArchKD(L.LightningModule):
         teacher_pred, teacher_feats = None, ()
         if self.use_teacher:
             with torch.no_grad():
-                teacher_pred = self.teacher.unet(noisy.to(self.frozen_dtype), timesteps,
-                                                 text.to(self.frozen_dtype)).sample
+                low = self.frozen_dtype
+                teacher_pred = self.teacher.unet(
+                    noisy.to(low), timesteps, text.to(low),
+                    added_cond_kwargs={k: v.to(low) for k, v in added.items()} if added else None,
+                ).sample
                 if self.use_features:
                     teacher_feats = self.teacher_taps.pop()
-        student_pred = self.student(noisy, timesteps, text.to(noisy.dtype)).sample
+        if added:
+            added = {k: v.to(noisy.dtype) for k, v in added.items()}
+        student_pred = self.student(noisy, timesteps, text.to(noisy.dtype), added_cond_kwargs=added).sample
         student_feats = self.student_taps.pop() if self.use_features else ()
         return self.loss_fn(student_pred, target, teacher_pred, student_feats, teacher_feats)
 

@@ -8,6 +8,7 @@ module's output during the ordinary forward, so the U-Nets run unmodified.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -107,16 +108,81 @@ def stage_pairs(
     return pairs
 
 
-def resolve_pairs(spec: Any, teacher_config, student_config, drop_stages=(), include_mid=True) -> list[FeaturePair]:
-    """Turn the ``arch.features.pairs`` setting into a list of pairs: ``stages`` (automatic),
-    ``none`` / empty (no feature KD), or an explicit list of [teacher, student] names."""
+_LAYER_MODULE = re.compile(r"^(down_blocks|up_blocks)\.\d+\.(resnets|attentions)\.\d+$|^mid_block\.(resnets|attentions)\.\d+$")
+_SELF_ATTENTION = re.compile(r"^(.*attentions\.\d+)\.transformer_blocks\.(\d+)\.attn1$")
+
+
+def _path_order(name: str) -> tuple:
+    """Execution order: down path, mid, up; inside a block, layer by layer, resnet before attention."""
+    parts = name.split(".")
+    path = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[parts[0]]
+    rest = parts[1:] if parts[0] != "mid_block" else ["0", *parts[1:]]
+    block = int(rest[0]) if rest and rest[0].isdigit() else 0
+    kind = {"resnets": 0, "attentions": 1}.get(rest[1], 2) if len(rest) > 2 else 0
+    layer = int(rest[2]) if len(rest) > 2 and rest[2].isdigit() else 0
+    return (path, block, layer, kind, name)
+
+
+def module_pairs(teacher_config, student_config, rule: Mapping, kind: str, include_mid: bool = True) -> list[FeaturePair]:
+    """Module-granularity pairs, each student module matched with the teacher module its
+    weights were copied from.
+
+    - ``modules`` (SSD-1B): the output of every resnet and attention module of the down, mid and
+      up paths. A student whose mid block was reduced to one resnet matches it against the
+      teacher's whole mid block.
+    - ``self_attention`` (KOALA: self-attention features matter most): per transformer module,
+      the self-attention (attn1) output of its last kept block.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from distillery.models.students import student_weight_sources
+
+    with torch.device("meta"):
+        student = UNet2DConditionModel.from_config(dict(student_config))
+    keys = list(student.state_dict().keys())
+    sources = student_weight_sources(teacher_config, student_config, rule, keys)
+
+    def teacher_module(name: str) -> str:
+        key = next(k for k in keys if k.startswith(name + "."))
+        return sources[key][: len(sources[key]) - len(key) + len(name)]
+
+    names = [n for n, _ in student.named_modules() if n]
+    if kind == "modules":
+        chosen = [n for n in names if _LAYER_MODULE.match(n)]
+        pairs = [(teacher_module(n), n) for n in chosen if include_mid or not n.startswith("mid_block")]
+        if include_mid and student_config.get("mid_block_type") == "UNetMidBlock2D" and \
+                teacher_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2D":
+            pairs = [p for p in pairs if not p[1].startswith("mid_block")] + [("mid_block", "mid_block.resnets.0")]
+    elif kind == "self_attention":
+        last: dict[str, int] = {}
+        for n in names:
+            hit = _SELF_ATTENTION.match(n)
+            if hit and (include_mid or not n.startswith("mid_block")):
+                last[hit.group(1)] = max(last.get(hit.group(1), -1), int(hit.group(2)))
+        chosen = [f"{module}.transformer_blocks.{k}.attn1" for module, k in last.items()]
+        pairs = [(teacher_module(n), n) for n in chosen]
+    else:
+        raise FeaturePairError(f"unknown module pairing {kind!r}")
+    return sorted(pairs, key=lambda p: _path_order(p[1]))
+
+
+SPEC_NAMES = ("stages", "modules", "self_attention", "none")
+
+
+def resolve_pairs(spec: Any, teacher_config, student_config, drop_stages=(), include_mid=True,
+                  rule: Mapping | None = None) -> list[FeaturePair]:
+    """Turn the ``arch.features.pairs`` setting into a list of pairs: ``stages`` (automatic
+    stage pairing), ``modules`` / ``self_attention`` (module granularity), ``none`` / empty
+    (no feature KD), or an explicit list of [teacher, student] module names."""
     if spec is None or spec == "none" or (isinstance(spec, Sequence) and not isinstance(spec, str) and len(spec) == 0):
         return []
     if spec == "stages":
         return stage_pairs(teacher_config, student_config, drop_stages, include_mid)
+    if spec in ("modules", "self_attention"):
+        return module_pairs(teacher_config, student_config, rule or {"drop_stages": list(drop_stages)}, spec, include_mid)
     if isinstance(spec, str):
         raise FeaturePairError(
-            f"arch.features.pairs={spec!r}: expected 'stages', 'none' or a list of [teacher, student] module names"
+            f"arch.features.pairs={spec!r}: expected one of {', '.join(SPEC_NAMES)} or a list of [teacher, student] module names"
         )
     pairs = []
     for i, pair in enumerate(spec):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from distillery.models.teacher import TINY_RANDOM, TeacherLoadError
+from distillery.models.teacher import TINY_RANDOM, TINY_RANDOM_XL, TeacherLoadError
 
 CONFIG_DIR = Path(__file__).parent / "unet_configs"
 
@@ -22,10 +22,10 @@ KNOWN_TEACHERS: dict[str, str] = {
 
 def load_unet_config(teacher: str) -> dict:
     """U-Net config of `teacher`: a known hub id, a local pipeline folder, a bare U-Net folder, or the hub."""
-    if teacher == TINY_RANDOM:
-        from distillery.models.tiny import tiny_unet
+    if teacher in (TINY_RANDOM, TINY_RANDOM_XL):
+        from distillery.models.tiny import tiny_sdxl_unet, tiny_unet
 
-        return dict(tiny_unet().config)
+        return dict((tiny_unet if teacher == TINY_RANDOM else tiny_sdxl_unet)().config)
     if teacher in KNOWN_TEACHERS:
         return json.loads((CONFIG_DIR / KNOWN_TEACHERS[teacher]).read_text())
     folder = Path(teacher).expanduser()

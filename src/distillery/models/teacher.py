@@ -1,9 +1,9 @@
-"""Loading the teacher: any diffusers Stable Diffusion pipeline, by hub id or local folder.
+"""Loading the teacher: any diffusers Stable Diffusion or SDXL pipeline, by hub id or folder.
 
 Only the parts distillation needs are loaded, one by one (no safety checker, no feature
-extractor): the U-Net to distil, the VAE and text encoder that turn images and captions into
-the U-Net's inputs, the tokenizer, the training noise scheduler (DDPM with the teacher's betas
-and prediction type) and the teacher's own sampling scheduler for sample grids and export.
+extractor): the U-Net to distil, the VAE and text encoder(s) that turn images and captions into
+the U-Net's inputs, the tokenizer(s), the training noise scheduler (DDPM with the teacher's
+betas and prediction type) and the teacher's own sampling scheduler for sample grids and export.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 TINY_RANDOM = "tiny-random"
+TINY_RANDOM_XL = "tiny-random-xl"
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -31,7 +32,7 @@ class TeacherLoadError(ValueError):
 
 @dataclass
 class Teacher:
-    """The frozen parts of a Stable Diffusion pipeline."""
+    """The frozen parts of a Stable Diffusion (or SDXL, with a second text encoder) pipeline."""
 
     source: str
     unet: nn.Module
@@ -40,6 +41,12 @@ class Teacher:
     tokenizer: Any
     noise_scheduler: Any  # DDPMScheduler used to noise latents during training
     sampling_scheduler: Any  # the pipeline's own scheduler (PNDM for SD 1.x), kept for export
+    text_encoder_2: nn.Module | None = None  # SDXL: OpenCLIP ViT-bigG with projection
+    tokenizer_2: Any = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @property
     def prediction_type(self) -> str:
@@ -47,13 +54,40 @@ class Teacher:
 
     @property
     def frozen_modules(self) -> dict[str, nn.Module]:
-        return {"teacher_unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        parts = {"teacher_unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            parts["text_encoder_2"] = self.text_encoder_2
+        return parts
 
     def freeze(self, dtype: torch.dtype) -> "Teacher":
         """Eval mode, no gradients, low precision: the teacher only ever infers."""
-        for module in self.frozen_modules.values():
-            place(module.requires_grad_(False).eval(), dtype=dtype)
+        for name, module in self.frozen_modules.items():
+            module.requires_grad_(False).eval()
+            # The SDXL VAE overflows in fp16 (its config says force_upcast): it stays in float32.
+            keep_fp32 = name == "vae" and dtype == torch.float16 and module.config.get("force_upcast", False)
+            place(module, dtype=torch.float32 if keep_fp32 else dtype)
         return self
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text embeddings as the pipelines compute them, and SDXL's pooled embedding.
+
+        SD: the text encoder's last hidden state. SDXL: the penultimate hidden states of both
+        encoders, concatenated on the feature axis, and the projected pooled output of the
+        second encoder.
+        """
+        def ids(tok):
+            return tok(captions, padding="max_length", max_length=tok.model_max_length,
+                       truncation=True, return_tensors="pt").input_ids.to(device)
+
+        if not self.is_sdxl:
+            return self.text_encoder(ids(self.tokenizer))[0], None
+        hidden, pooled = [], None
+        for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            out = enc(ids(tok), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # the second encoder's projected pooled embedding
+        return torch.cat(hidden, dim=-1), pooled
 
 
 def place(module: nn.Module, device=None, dtype: torch.dtype | None = None) -> nn.Module:
@@ -87,22 +121,23 @@ def _scheduler_class(name: str):
     return cls
 
 
+def _from_components(source: str, parts: dict) -> Teacher:
+    return Teacher(
+        source=source, unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"], noise_scheduler=parts["scheduler"],
+        sampling_scheduler=parts["sampling_scheduler"],
+        text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
+    )
+
+
 def load_teacher(source: str, seed: int = 0) -> Teacher:
     """Load the teacher in float32 (the student copies its weights at full precision first);
     call ``freeze(dtype)`` afterwards."""
-    if source == TINY_RANDOM:
-        from distillery.models.tiny import tiny_sd_components
+    if source in (TINY_RANDOM, TINY_RANDOM_XL):
+        from distillery.models import tiny
 
-        parts = tiny_sd_components(seed=seed)
-        return Teacher(
-            source=source,
-            unet=parts["unet"],
-            vae=parts["vae"],
-            text_encoder=parts["text_encoder"],
-            tokenizer=parts["tokenizer"],
-            noise_scheduler=parts["scheduler"],
-            sampling_scheduler=parts["sampling_scheduler"],
-        )
+        build = tiny.tiny_sd_components if source == TINY_RANDOM else tiny.tiny_sdxl_components
+        return _from_components(source, build(seed=seed))
 
     path = Path(source).expanduser()
     if path.exists():
@@ -112,42 +147,43 @@ def load_teacher(source: str, seed: int = 0) -> Teacher:
                 "(no model_index.json); expected the layout written by Pipeline.save_pretrained"
             )
         index = json.loads((path / "model_index.json").read_text())
-        if "text_encoder_2" in index:
-            raise TeacherLoadError(
-                f"arch.teacher={source!r} is an SDXL-format pipeline (it has text_encoder_2); "
-                "SDXL teachers are loaded by the SDXL student rules"
-            )
         source = str(path)
     else:
         index = None
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     try:
         if index is None:  # a hub id: read its index first so a typo fails fast
             from diffusers import DiffusionPipeline
 
             index = DiffusionPipeline.load_config(source)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch.float32)
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+        fp32 = {"torch_dtype": torch.float32}
+        parts = {
+            "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", **fp32),
+            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **fp32),
+            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **fp32),
+            "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
+            "scheduler": DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
+        }
+        if "text_encoder_2" in index:  # SDXL
+            parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **fp32)
+            parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")
         sched_cls = _scheduler_class(index.get("scheduler", [None, "PNDMScheduler"])[1])
-        sampling_scheduler = sched_cls.from_pretrained(source, subfolder="scheduler")
+        parts["sampling_scheduler"] = sched_cls.from_pretrained(source, subfolder="scheduler")
     except TeacherLoadError:
         raise
     except Exception as err:  # hub, network and format errors all mean: no teacher
         raise TeacherLoadError(
             f"could not load the teacher pipeline arch.teacher={source!r}: {type(err).__name__}: {err}\n"
             "arch.teacher takes a diffusers pipeline folder, a hub id (needs network or a filled "
-            f"HF cache), or '{TINY_RANDOM}' for a tiny random SD-shaped teacher."
+            f"HF cache), or '{TINY_RANDOM}' / '{TINY_RANDOM_XL}' for a tiny random SD / SDXL-shaped teacher."
         ) from err
 
-    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+    if parts["scheduler"].config.prediction_type not in PREDICTION_TYPES:
         raise TeacherLoadError(
-            f"teacher {source!r} has prediction_type={noise_scheduler.config.prediction_type!r}; "
+            f"teacher {source!r} has prediction_type={parts['scheduler'].config.prediction_type!r}; "
             f"supported: {', '.join(PREDICTION_TYPES)}"
         )
-    return Teacher(source, unet, vae, text_encoder, tokenizer, noise_scheduler, sampling_scheduler)
+    return _from_components(source, parts)
