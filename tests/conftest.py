@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,20 +13,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _offline(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    for key, value in {
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        "HF_HOME": str(home / "hf"),
-        "WANDB_DIR": str(home / "wandb"),
-        "WANDB_CACHE_DIR": str(home / "wandb-cache"),
-        "DISTILLERY_ROOT": str(ROOT),
-    }.items():
-        os.environ[key] = value
-    yield
+# Set before any test module imports huggingface_hub / wandb, which read these at import time.
+_HOME = Path(tempfile.mkdtemp(prefix="distillery-tests-"))
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
+os.environ.update({
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "HF_HOME": str(_HOME / "hf"),
+    "WANDB_DIR": str(_HOME / "wandb"),
+    "WANDB_CACHE_DIR": str(_HOME / "wandb-cache"),
+    "DISTILLERY_ROOT": str(ROOT),
+})
 
 
 @pytest.fixture(scope="session")
