@@ -54,7 +54,7 @@ def test_micro_conditioning_comes_from_the_data(tiny_sdxl_folder, tmp_path, capl
 
 @pytest.mark.parametrize("arch", SDXL_ARCHS)
 def test_every_sdxl_student_learns_on_a_fixed_batch(tiny_sdxl_folder, tmp_path, arch):
-    cfg = compose_train([f"arch={arch}", f"arch.teacher={tiny_sdxl_folder}", *FAST, "data.dataset.size=2",
+    cfg = compose_train([f"arch={arch}", f"arch.teacher={tiny_sdxl_folder}", *FAST, "data.source.size=2",
                          "optim.optimizer.lr=2e-3"], tmp_path)
     parts = build(cfg)
     model, dm, teacher = parts["model"], parts["datamodule"], parts["teacher"]

@@ -25,7 +25,7 @@ def _losses(metrics_csv: Path) -> dict[int, float]:
 @pytest.mark.parametrize("loss, term", [("bk_sdm", "loss"), ("output_only", "out_kd")])
 def test_kd_lowers_loss_on_fixed_batch(tiny_sd_folder, tmp_path, loss, term):
     cfg = compose_train(["arch=bk_small", f"arch.teacher={tiny_sd_folder}", f"loss={loss}", *FAST,
-                         "data.dataset.size=2", "trainer.max_steps=40", "optim.optimizer.lr=2e-3",
+                         "data.source.size=2", "trainer.max_steps=40", "optim.optimizer.lr=2e-3",
                          "callbacks.model_checkpoint.every_n_train_steps=1000"], tmp_path)
     parts = build(cfg)
     model, dm = parts["model"], parts["datamodule"]
@@ -85,7 +85,7 @@ def test_teacher_gets_no_gradient(tiny_sd_folder, tmp_path):
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_resume_reproduces_the_loss_curve(tiny_sd_folder, tmp_path, accumulate):
-    common = ["arch=bk_small", f"arch.teacher={tiny_sd_folder}", *FAST, "data.dataset.size=16",
+    common = ["arch=bk_small", f"arch.teacher={tiny_sd_folder}", *FAST, "data.source.size=16",
               f"trainer.accumulate_grad_batches={accumulate}",
               "optim.optimizer.lr=1e-3", "callbacks.model_checkpoint.every_n_train_steps=3",
               "method.ema_decay=0.9"]

@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from distillery.config import ConfigError
+from distillery.data.cache import CacheMismatchError
+from distillery.data.sources import DataSourceError
 from distillery.export import ExportError
 from distillery.models.features import FeaturePairError
 from distillery.models.students import StudentRuleError
 from distillery.models.teacher import TeacherLoadError
 
-USER_ERRORS = (ConfigError, StudentRuleError, TeacherLoadError, FeaturePairError, ExportError)
+USER_ERRORS = (ConfigError, StudentRuleError, TeacherLoadError, FeaturePairError, ExportError, DataSourceError,
+               CacheMismatchError)
 
 
 def tidy_logging() -> None:
@@ -73,6 +76,11 @@ def report(result: dict[str, Any]) -> None:
             if isinstance(value, Path) and value.resolve().is_relative_to(Path.cwd()):
                 value = value.resolve().relative_to(Path.cwd())
             table.add_row(key, str(value))
+    skipped = {k: v for k, v in result.get("skipped", {}).items() if v}
+    if skipped:
+        table.add_row("data samples skipped", ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))
     for key, value in sorted(result.get("metrics", {}).items()):
+        if key.startswith("data/"):
+            continue
         table.add_row(key, f"{value:.4g}")
     Console().print(table)

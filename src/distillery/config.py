@@ -161,6 +161,23 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(cfg, "data.num_workers", problems, minimum=0)
     _positive_int(cfg, "trainer.max_steps", problems)
     _positive_int(cfg, "trainer.accumulate_grad_batches", problems)
+    dropout = OmegaConf.select(cfg, "data.caption_dropout", default=0.0)
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+        problems.append(f"data.caption_dropout={dropout!r} must be a probability in [0, 1]")
+    crop = OmegaConf.select(cfg, "data.transform.crop", default="center")
+    if crop not in ("center", "random"):
+        problems.append(f"data.transform.crop={crop!r} is not one of center, random")
+    flip = OmegaConf.select(cfg, "data.transform.flip_prob", default=0.0)
+    if not isinstance(flip, (int, float)) or not 0 <= flip <= 1:
+        problems.append(f"data.transform.flip_prob={flip!r} must be a probability in [0, 1]")
+    if OmegaConf.select(cfg, "data.min_size", default=0) is not None:
+        _positive_int(cfg, "data.min_size", problems, minimum=0)
+    cache = OmegaConf.select(cfg, "data.cache", default=None)
+    if cache is not None and not (Path(str(cache)) / "stamp.json").is_file():
+        problems.append(f"data.cache={cache!r} is not a latent cache folder (no stamp.json); "
+                        "build one with: python src/cache.py data=<recipe> arch=<arch> out=<folder>")
+    if OmegaConf.select(cfg, "data.source", default=None) is None and not OmegaConf.select(cfg, "data.mixture", default=None):
+        problems.append("data.source is not set: a data recipe names its source (data=shapes, laion_art, ...)")
     res = OmegaConf.select(cfg, "data.resolution")
     if isinstance(res, int) and res % 8:
         problems.append(f"data.resolution={res} must be a multiple of 8 (the VAE downsamples by 8 in SD)")

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from distillery.config import ConfigError, validate
 from distillery.models.features import check_pair_shapes, resolve_pairs
 from distillery.models.students import build_student
-from distillery.models.teacher import TINY_RANDOM, load_teacher, place, resolve_dtype
+from distillery.models.teacher import load_teacher, place, resolve_dtype
 from distillery.tracking import make_loggers
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,9 @@ def latent_size(resolution: int, vae) -> int:
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Everything fit needs, built from a validated config."""
     on_gpu = _on_gpu(cfg.trainer)
-    teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed)
+    cache = cfg.data.get("cache")
+    # From a latent cache the VAE and text encoders are not even loaded.
+    teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed, encoders=not cache)
     student, _ = build_student(teacher.unet, cfg.arch.rule, rule_name=cfg.arch.name)
     rule = OmegaConf.to_container(cfg.arch.rule, resolve=True)
     pairs = resolve_pairs(
@@ -54,14 +56,15 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         teacher.unet.config, student.config, rule.get("drop_stages", []),
         bool(cfg.arch.features.get("include_mid", False)), rule=rule,
     )
-    size = latent_size(cfg.data.resolution, teacher.vae)
+    cache_info = check_cache(cfg, cache) if cache else {}
+    size = cache_info["latent_size"] if cache else latent_size(cfg.data.resolution, teacher.vae)
     if pairs:
         check_pair_shapes(teacher.unet, student, pairs, size)
     frozen_dtype = resolve_dtype(cfg.arch.teacher_dtype, on_gpu)
     teacher.freeze(frozen_dtype)
 
     teacher_src = cfg.arch.teacher
-    if teacher_src != TINY_RANDOM and Path(teacher_src).expanduser().exists():
+    if Path(teacher_src).expanduser().exists():
         teacher_src = str(Path(teacher_src).expanduser().resolve())
     loss = instantiate(cfg.loss)
     export_info = {
@@ -87,9 +90,29 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         seed=cfg.seed,
         frozen_dtype=frozen_dtype,
         export_info=export_info,
+        latent_scaling_factor=cache_info.get("scaling_factor"),
+        vae_scale_factor=cfg.data.resolution // size,
     )
     datamodule = instantiate(cfg.data)
     return {"teacher": teacher, "student": student, "pairs": pairs, "model": model, "datamodule": datamodule}
+
+
+def check_cache(cfg: DictConfig, cache: str) -> dict[str, Any]:
+    """Refuse a latent cache made for another teacher, resolution or crop policy, naming each
+    difference; return what training needs from it."""
+    from distillery.data.cache import CacheMismatchError, CacheSource, stamp_differences
+
+    source = CacheSource(cache)
+    teacher = cfg.arch.teacher
+    if Path(teacher).expanduser().exists():
+        teacher = str(Path(teacher).expanduser().resolve())
+    run = {"teacher_source": teacher, "resolution": int(cfg.data.resolution),
+           "crop": str(OmegaConf.select(cfg, "data.transform.crop", default="center"))}
+    diffs = stamp_differences({k: source.stamp.get(k) for k in run}, run)
+    if diffs:
+        raise CacheMismatchError(f"the latent cache {cache} does not match this run:\n  " + "\n  ".join(diffs)
+                                 + "\nRebuild it with: python src/cache.py data=<recipe> arch=<arch> out=<folder>")
+    return {"scaling_factor": source.scaling_factor, "latent_size": int(source.index["shapes"]["latent_mean"][-1])}
 
 
 def _checkpoint_dir(cfg: DictConfig) -> Path:
@@ -137,7 +160,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_cb = trainer.checkpoint_callback
     if ckpt_cb is not None and getattr(ckpt_cb, "_last_global_step_saved", -1) != trainer.global_step:
         trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    if model.skipped and any(model.skipped.values()):
+        from distillery.data.streaming import skipped_summary
+
+        log.warning("the data stream skipped samples: %s", skipped_summary(model.skipped))
     result: dict[str, Any] = {"run_dir": run_dir, "global_step": trainer.global_step,
+                              "skipped": dict(model.skipped),
                               "checkpoint": ckpt_dir / "last.ckpt",
                               "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
     if cfg.get("export_at_end") and trainer.is_global_zero and (ckpt_dir / "last.ckpt").is_file():
@@ -153,6 +181,11 @@ def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: lis
     from distillery.sampling import build_sampler, generate, grid, make_pipeline
 
     teacher = parts["teacher"]
+    if teacher.vae is None:  # trained from a latent cache: the pipeline needs the encoders now
+        device = teacher.unet.device
+        teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed)
+        for module in teacher.frozen_modules.values():
+            place(module.requires_grad_(False).eval(), device)
     ema = parts["model"].ema is not None
     export_dir = export_student(ckpt, run_dir / "student", ema=ema, teacher=teacher)
     from diffusers import UNet2DConditionModel

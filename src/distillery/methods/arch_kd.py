@@ -52,6 +52,8 @@ class ArchKD(L.LightningModule):
         seed: int = 0,
         frozen_dtype: torch.dtype = torch.float32,
         export_info: dict | None = None,
+        latent_scaling_factor: float | None = None,  # from the cache when the VAE is not loaded
+        vae_scale_factor: int = 8,
     ) -> None:
         super().__init__()
         self.student = student
@@ -78,6 +80,11 @@ class ArchKD(L.LightningModule):
         self.frozen_dtype = frozen_dtype
         self.export_info = dict(export_info or {})
         self._warned_micro_conditioning = False
+        self.latent_scaling_factor = latent_scaling_factor if latent_scaling_factor is not None \
+            else teacher.vae.config.scaling_factor
+        self.vae_scale_factor = vae_scale_factor
+        self.stream_positions: dict[int, int] = {}  # global dataloader worker -> raw records consumed
+        self.skipped: dict[str, int] = {}  # samples the data stream skipped, by reason
 
     # ---- frozen parts -------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -98,11 +105,17 @@ class ArchKD(L.LightningModule):
     def encode_conditioning(self, batch: dict) -> tuple[Tensor, dict | None]:
         """Text embeddings, and for SDXL the added conditioning: the pooled text embedding and
         the six micro-conditioning time ids (original size, crop top-left, target size)."""
-        text, pooled = self.teacher.encode_prompts(list(batch["caption"]), self.device)
+        if "prompt_embeds" in batch:  # from a latent cache
+            text = batch["prompt_embeds"].to(self.device)
+            pooled = batch["pooled_prompt_embeds"].to(self.device) if "pooled_prompt_embeds" in batch else None
+        else:
+            text, pooled = self.teacher.encode_prompts(list(batch["caption"]), self.device)
         if pooled is None:
             return text, None
-        pixels = batch["pixel_values"]
-        n, target = pixels.shape[0], torch.tensor(pixels.shape[-2:], device=self.device)
+        n = text.shape[0]
+        size = batch["pixel_values"].shape[-2:] if "pixel_values" in batch else \
+            [s * self.vae_scale_factor for s in batch["latent_mean"].shape[-2:]]
+        target = torch.tensor(list(size), device=self.device)
         if "original_size" in batch and "crop_top_left" in batch:
             original = torch.as_tensor(batch["original_size"], device=self.device).view(n, 2)
             crop = torch.as_tensor(batch["crop_top_left"], device=self.device).view(n, 2)
@@ -124,7 +137,13 @@ class ArchKD(L.LightningModule):
     # ---- training ---------------------------------------------------------------------------
     def kd_terms(self, batch: dict, gen: torch.Generator) -> dict[str, Tensor]:
         """The loss terms of one batch, with noise and timesteps drawn from ``gen``."""
-        latents = self.encode_images(batch["pixel_values"], gen)
+        if "latent_mean" in batch:  # from a latent cache: sample the cached posterior, as encode would
+            from distillery.data.cache import sample_latents
+
+            latents = sample_latents(batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device),
+                                     gen, self.latent_scaling_factor)
+        else:
+            latents = self.encode_images(batch["pixel_values"], gen)
         text, added = self.encode_conditioning(batch)
         scheduler = self.teacher.noise_scheduler
         noise = torch.randn(latents.shape, generator=gen, device=self.device)
@@ -151,10 +170,27 @@ class ArchKD(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         terms = self.kd_terms(batch, self._generator(batch_idx))
-        bs = batch["pixel_values"].shape[0]
+        bs = len(batch["caption"]) if "caption" in batch else batch["prompt_embeds"].shape[0]
         for name, value in terms.items():
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=bs)
+        self._track_stream(batch)
         return terms["loss"]
+
+    # ---- data stream bookkeeping -------------------------------------------------------------
+    def _track_stream(self, batch: dict) -> None:
+        """Remember how far each dataloader worker's stream got (for an exact resume) and count
+        the samples the data skipped, by reason (logged, never silent)."""
+        if "stream_pos" in batch:
+            for worker, pos in zip(batch["stream_worker"].tolist(), batch["stream_pos"].tolist()):
+                self.stream_positions[worker] = max(self.stream_positions.get(worker, 0), pos)
+        if "skipped" in batch:
+            from distillery.data.streaming import SKIP_REASONS
+
+            counts = batch["skipped"].sum(0).tolist()
+            for reason, n in zip(SKIP_REASONS, counts):
+                self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
+            for reason, n in self.skipped.items():
+                self.log(f"data/skipped_{reason}", float(n), reduce_fx="sum", sync_dist=True)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -181,3 +217,14 @@ class ArchKD(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Everything export needs to rebuild the student without the training config.
         checkpoint["distillery"] = self.export_info
+        positions = dict(self.stream_positions)
+        if self.trainer.world_size > 1:  # each rank saw its own workers: gather every rank's table
+            gathered = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, positions)
+            positions = {k: v for table in gathered for k, v in table.items()}
+        checkpoint["data_stream"] = {"positions": positions, "skipped": dict(self.skipped)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stream = checkpoint.get("data_stream", {})
+        self.stream_positions = {int(k): int(v) for k, v in stream.get("positions", {}).items()}
+        self.skipped = dict(stream.get("skipped", {}))

@@ -36,8 +36,8 @@ class Teacher:
 
     source: str
     unet: nn.Module
-    vae: nn.Module
-    text_encoder: nn.Module
+    vae: nn.Module | None  # None when training from a latent cache
+    text_encoder: nn.Module | None
     tokenizer: Any
     noise_scheduler: Any  # DDPMScheduler used to noise latents during training
     sampling_scheduler: Any  # the pipeline's own scheduler (PNDM for SD 1.x), kept for export
@@ -46,7 +46,7 @@ class Teacher:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.unet.config.get("addition_embed_type") == "text_time"
 
     @property
     def prediction_type(self) -> str:
@@ -54,10 +54,9 @@ class Teacher:
 
     @property
     def frozen_modules(self) -> dict[str, nn.Module]:
-        parts = {"teacher_unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
-        if self.text_encoder_2 is not None:
-            parts["text_encoder_2"] = self.text_encoder_2
-        return parts
+        parts = {"teacher_unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                 "text_encoder_2": self.text_encoder_2}
+        return {name: module for name, module in parts.items() if module is not None}
 
     def freeze(self, dtype: torch.dtype) -> "Teacher":
         """Eval mode, no gradients, low precision: the teacher only ever infers."""
@@ -123,21 +122,25 @@ def _scheduler_class(name: str):
 
 def _from_components(source: str, parts: dict) -> Teacher:
     return Teacher(
-        source=source, unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"],
+        source=source, unet=parts["unet"], vae=parts.get("vae"), text_encoder=parts.get("text_encoder"),
         tokenizer=parts["tokenizer"], noise_scheduler=parts["scheduler"],
         sampling_scheduler=parts["sampling_scheduler"],
         text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
     )
 
 
-def load_teacher(source: str, seed: int = 0) -> Teacher:
+def load_teacher(source: str, seed: int = 0, encoders: bool = True) -> Teacher:
     """Load the teacher in float32 (the student copies its weights at full precision first);
-    call ``freeze(dtype)`` afterwards."""
+    call ``freeze(dtype)`` afterwards. ``encoders=False`` skips the VAE and the text encoders,
+    for training from a latent cache."""
     if source in (TINY_RANDOM, TINY_RANDOM_XL):
         from distillery.models import tiny
 
         build = tiny.tiny_sd_components if source == TINY_RANDOM else tiny.tiny_sdxl_components
-        return _from_components(source, build(seed=seed))
+        parts = build(seed=seed)
+        if not encoders:
+            parts.update(vae=None, text_encoder=None, text_encoder_2=None)
+        return _from_components(source, parts)
 
     path = Path(source).expanduser()
     if path.exists():
@@ -162,14 +165,16 @@ def load_teacher(source: str, seed: int = 0) -> Teacher:
         fp32 = {"torch_dtype": torch.float32}
         parts = {
             "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", **fp32),
-            "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **fp32),
-            "text_encoder": CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **fp32),
             "tokenizer": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
             "scheduler": DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
         }
+        if encoders:
+            parts["vae"] = AutoencoderKL.from_pretrained(source, subfolder="vae", **fp32)
+            parts["text_encoder"] = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **fp32)
         if "text_encoder_2" in index:  # SDXL
-            parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **fp32)
             parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")
+            if encoders:
+                parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", **fp32)
         sched_cls = _scheduler_class(index.get("scheduler", [None, "PNDMScheduler"])[1])
         parts["sampling_scheduler"] = sched_cls.from_pretrained(source, subfolder="scheduler")
     except TeacherLoadError:

@@ -1,0 +1,280 @@
+"""An endless, resumable training stream over a Source (contract: .notes/data_spec.md).
+
+Global worker g of G reads shards[g::G] of a seeded per-epoch shard permutation, epoch after
+epoch. Bad records are counted per reason and never raise; each yielded sample carries the
+counts since the previous one and its position in the worker's stream, which is all a
+checkpoint needs to resume exactly where training stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+from collections.abc import Mapping
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .sources import DataSourceError, Source
+from .transforms import ImageTransform, pick_caption
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = ("decode_error", "no_caption", "too_small", "filtered")
+FILTER_OPS = ("min", "max", "eq", "in")
+# A worker whose shards gave no valid sample this many epochs in a row would loop forever.
+_MAX_FRUITLESS_EPOCHS = 10
+
+
+def _seed(*parts: int) -> int:
+    # SeedSequence hashes the tuple, so neighbouring (epoch, shard, position) get unrelated streams.
+    a, b = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+    return (int(a) << 31) ^ int(b)
+
+
+def _generator(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed(*parts))
+
+
+def _decode_image(image, min_size: int):
+    """-> (RGB image, None) or (None, skip reason). The size is read from the header first, so
+    a too-small image is never fully decoded."""
+    if image is None:
+        return None, "decode_error"
+    try:
+        img = image if isinstance(image, Image.Image) else Image.open(io.BytesIO(image))
+        if min(img.size) < min_size:
+            return None, "too_small"
+        img.load()
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:  # a broken EXIF block should not cost a good image
+            pass
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            # Transparent pixels over white, not over whatever colour they happen to store.
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return img.convert("RGB"), None
+    except Exception:
+        return None, "decode_error"
+
+
+def _check_filters(filters) -> dict[str, dict]:
+    out = {}
+    for column, cond in (filters or {}).items():
+        if not isinstance(cond, Mapping) or not cond or set(cond) - set(FILTER_OPS):
+            raise ValueError(f"filter on {column!r} must be a mapping with keys from {FILTER_OPS}, got {cond!r}")
+        out[str(column)] = {op: (list(v) if op == "in" else v) for op, v in cond.items()}
+    return out
+
+
+def _passes(value, cond: dict) -> bool:
+    if value is None:
+        return False
+    try:  # NaN fails min and max alike, as it should
+        return (("min" not in cond or value >= cond["min"]) and ("max" not in cond or value <= cond["max"])
+                and ("eq" not in cond or value == cond["eq"]) and ("in" not in cond or value in cond["in"]))
+    except TypeError:  # e.g. a str where a number was expected
+        return False
+
+
+def skipped_summary(counts) -> str:
+    """'7 skipped: 2 decode_error, 5 filtered' from counts per SKIP_REASONS (sequence, tensor or dict)."""
+    if isinstance(counts, Mapping):
+        values = [int(counts.get(r, 0)) for r in SKIP_REASONS]
+    else:
+        values = [int(c) for c in (counts.tolist() if hasattr(counts, "tolist") else counts)]
+    total = sum(values)
+    if not total:
+        return "none skipped"
+    return f"{total} skipped: " + ", ".join(f"{n} {r}" for r, n in zip(SKIP_REASONS, values) if n)
+
+
+# What a latent-cache record hands to training instead of pixels (see distillery.data.cache).
+CACHED_FIELDS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds")
+
+
+class StreamingDataset(torch.utils.data.IterableDataset):
+    def __init__(self, source: Source, transform: ImageTransform, seed: int = 0, min_size: int = 0,
+                 caption_dropout: float = 0.0, filters: dict | None = None) -> None:
+        super().__init__()
+        if int(seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if not 0.0 <= float(caption_dropout) <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        self.source, self.transform = source, transform
+        self.seed, self.min_size, self.caption_dropout = int(seed), int(min_size), float(caption_dropout)
+        self.filters = _check_filters(filters)
+        self.rank, self.world_size = 0, 1
+        self.resume: list[int] | None = None
+        self._empty_prompt: dict | None = None
+
+    def set_rank(self, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    def set_resume(self, positions: list[int] | None) -> None:
+        self.resume = None if positions is None else [int(p) for p in positions]
+
+    # ------------------------------------------------------------------ one record
+    def _prepare(self, record: dict, gen: torch.Generator):
+        """A training sample (without the stream fields) or the reason to skip the record."""
+        for column, cond in self.filters.items():
+            if column not in record:
+                raise DataSourceError(
+                    f"filter column {column!r} is missing from record {record.get('key')!r} of "
+                    f"{self.source.describe()}; the record has {sorted(record)}, the source {self.source.columns()}")
+            if not _passes(record[column], cond):
+                return "filtered"
+        # Fixed draw order (dropout, caption, transform) keeps each choice independent of the others' settings.
+        dropped = float(torch.rand((), generator=gen)) < self.caption_dropout
+        caption = pick_caption(record.get("caption"), gen)
+        if caption is None or not caption.strip():
+            return "no_caption"
+        if "latent_mean" in record:  # a latent cache: already encoded, nothing to decode
+            return self._cached_sample(record, caption, dropped)
+        image, reason = _decode_image(record.get("image"), self.min_size)
+        if reason:
+            return reason
+        pixels, original_size, crop_top_left = self.transform(image, gen)
+        return {
+            "pixel_values": pixels,
+            "caption": "" if dropped else caption,
+            "original_size": torch.tensor(original_size, dtype=torch.long),
+            "crop_top_left": torch.tensor(crop_top_left, dtype=torch.long),
+            "key": str(record.get("key")),
+        }
+
+    def _cached_sample(self, record: dict, caption: str, dropped: bool) -> dict:
+        sample = {k: record[k] for k in CACHED_FIELDS if k in record}
+        if dropped:  # classifier-free guidance: the embeddings of the empty caption, stored by the cache
+            if self._empty_prompt is None:
+                self._empty_prompt = self.source.empty_prompt()
+            sample.update({k: v for k, v in self._empty_prompt.items() if k in sample})
+        sample.update({
+            "caption": "" if dropped else caption,
+            "original_size": torch.as_tensor(record["original_size"], dtype=torch.long),
+            "crop_top_left": torch.as_tensor(record["crop_top_left"], dtype=torch.long),
+            "key": str(record.get("key")),
+        })
+        return sample
+
+    def single_pass(self) -> Iterator[dict]:
+        """Every valid sample once, shards in their natural order, with the same per-sample
+        randomness as the first epoch and no caption dropout: what a latent cache stores."""
+        dropout, self.caption_dropout = self.caption_dropout, 0.0
+        try:
+            for index, shard in enumerate(self.source.shards()):
+                for i, record in enumerate(self.source.read(shard, start=0)):
+                    out = self._prepare(record, _generator(1, self.seed, 0, index, i))
+                    if not isinstance(out, str):
+                        yield out
+        finally:
+            self.caption_dropout = dropout
+
+    # ------------------------------------------------------------------ the stream
+    def _shard_order(self, n: int, epoch: int) -> list[int]:
+        return torch.randperm(n, generator=_generator(0, self.seed, epoch)).tolist()
+
+    def _records(self, shard, skip: int) -> tuple[int, Iterator[dict] | None]:
+        """Step over up to `skip` records of a shard without decoding them.
+        -> (records stepped over, iterator from there) or (shard length, None) if the shard is shorter."""
+        size = self.source.size(shard) if hasattr(self.source, "size") else None
+        if size is not None:
+            return (size, None) if skip >= size else (skip, self.source.read(shard, start=skip))
+        records = self.source.read(shard, start=skip)
+        first = next(records, None)
+        if first is not None:
+            return skip, itertools.chain([first], records)
+        # Shorter than the skip and no cheap length: count its records (still nothing decoded).
+        return sum(1 for _ in self.source.read(shard, start=0)), None
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker_id = (info.num_workers, info.id) if info is not None else (1, 0)
+        g, big_g = self.rank * workers + worker_id, self.world_size * workers
+        shards = self.source.shards()
+        if not shards:
+            raise DataSourceError(f"{self.source.describe()} has no shards")
+        skip = 0
+        if self.resume is not None:
+            if len(self.resume) != big_g:
+                raise ValueError(f"resume positions are for {len(self.resume)} workers but this run has {big_g} "
+                                 f"({self.world_size} ranks x {workers} workers); keep num_workers and devices")
+            skip = max(0, self.resume[g])
+        if g >= len(shards):
+            log.warning("stream worker %d of %d gets no shard (%s); use fewer workers or smaller shards",
+                        g, big_g, self.source.describe())
+            return
+
+        counts = [0] * len(SKIP_REASONS)
+        pos, fruitless = 0, 0
+        for epoch in itertools.count():
+            yielded, epoch_counts = 0, [0] * len(SKIP_REASONS)
+            for index in self._shard_order(len(shards), epoch)[g::big_g]:
+                shard, start, records = shards[index], 0, None
+                if skip:
+                    start, records = self._records(shard, skip)
+                    skip, pos = skip - start, pos + start
+                    if records is None:
+                        continue
+                records = records if records is not None else self.source.read(shard, start=0)
+                for i, record in enumerate(records, start):
+                    pos += 1
+                    out = self._prepare(record, _generator(1, self.seed, epoch, index, i))
+                    if isinstance(out, str):
+                        counts[SKIP_REASONS.index(out)] += 1
+                        epoch_counts[SKIP_REASONS.index(out)] += 1
+                        continue
+                    out["skipped"] = torch.tensor(counts, dtype=torch.long)
+                    out["stream_worker"] = torch.tensor(g, dtype=torch.long)
+                    out["stream_pos"] = torch.tensor(pos, dtype=torch.long)
+                    counts = [0] * len(SKIP_REASONS)
+                    yielded += 1
+                    yield out
+            fruitless = 0 if (yielded or skip) else fruitless + 1
+            if fruitless >= _MAX_FRUITLESS_EPOCHS:
+                raise DataSourceError(
+                    f"stream worker {g} of {big_g} got no valid sample from its shards of {self.source.describe()} "
+                    f"in {fruitless} epochs; last epoch {skipped_summary(epoch_counts)}")
+
+    # ------------------------------------------------------------------ setup check
+    def check(self, max_records: int = 1000) -> None:
+        """Fail early, in the main process, when the first `max_records` records hold no valid sample."""
+        counts = dict.fromkeys(SKIP_REASONS, 0)
+        seen = 0
+        describe = self.source.describe()
+        try:
+            for index, shard in enumerate(self.source.shards()):
+                for i, record in enumerate(self.source.read(shard, start=0)):
+                    if seen >= max_records:
+                        break
+                    seen += 1
+                    out = self._prepare(record, _generator(1, self.seed, 0, index, i))
+                    if not isinstance(out, str):
+                        return
+                    counts[out] += 1
+                if seen >= max_records:
+                    break
+        except DataSourceError:
+            raise
+        except Exception as e:
+            raise DataSourceError(f"reading {describe} failed: {e!r}") from e
+        if not seen:
+            raise DataSourceError(f"{describe} yielded no records; columns: {self.source.columns()}")
+        why = []
+        if counts["filtered"]:
+            why.append(f"filters {self.filters} removed {counts['filtered']}")
+        if counts["too_small"]:
+            why.append(f"min_size={self.min_size} removed {counts['too_small']}")
+        if counts["no_caption"]:
+            why.append(f"{counts['no_caption']} had no caption")
+        if counts["decode_error"]:
+            why.append(f"{counts['decode_error']} images could not be decoded")
+        raise DataSourceError(
+            f"no valid training sample in the first {seen} records of {describe}: {'; '.join(why)} "
+            f"({skipped_summary(counts)}); columns: {self.source.columns()}")
