@@ -100,3 +100,24 @@ def test_training_from_the_cache_and_a_mismatched_cache(tiny_sd_folder, shapes_c
         build(compose_train([*common, "data.resolution=32"], tmp_path / "bad"))
     with pytest.raises(CacheMismatchError, match="teacher_source"):
         build(compose_train([*common, "arch.teacher=tiny-random"], tmp_path / "bad2"))
+
+
+def test_a_mixture_interleaves_its_members_by_weight(tmp_path):
+    from distillery.data.sources import MixtureSource, WebDatasetSource
+    from distillery.data.streaming import StreamingDataset
+    from distillery.data.transforms import ImageTransform
+
+    for name, n_shards in (("a", 1), ("b", 3)):
+        (tmp_path / name).mkdir()
+        for s in range(n_shards):  # 4 samples per shard
+            _write_shard(tmp_path / name / f"{s:05d}.tar",
+                         [(f"{name}{s}{i}", {"png": _png(32, 10 * i), "txt": f"{name} sample".encode()}) for i in range(4)])
+    members = [{"source": WebDatasetSource(str(tmp_path / "a" / "*.tar")), "weight": 3.0},
+               {"source": WebDatasetSource(str(tmp_path / "b" / "*.tar")), "weight": 1.0}]
+    mixture = MixtureSource(members)
+    # a: 4 samples, weight 3; b: 12 samples, weight 1 -> a's one shard is repeated 9 times per epoch.
+    assert sum(1 for m, _ in mixture.shards() if m == 0) == 9 and sum(1 for m, _ in mixture.shards() if m == 1) == 3
+    stream = iter(StreamingDataset(mixture, ImageTransform(32)))
+    keys = [next(stream)["key"] for _ in range(48)]  # one epoch: 36 from a, 12 from b
+    assert sum(k.startswith("m0/") for k in keys) == 36 and sum(k.startswith("m1/") for k in keys) == 12
+    assert {k for k in keys if k.startswith("m1/")} == {f"m1/b{s}{i}" for s in range(3) for i in range(4)}

@@ -176,7 +176,7 @@ def validate(cfg: DictConfig) -> None:
     if cache is not None and not (Path(str(cache)) / "stamp.json").is_file():
         problems.append(f"data.cache={cache!r} is not a latent cache folder (no stamp.json); "
                         "build one with: python src/cache.py data=<recipe> arch=<arch> out=<folder>")
-    if OmegaConf.select(cfg, "data.source", default=None) is None and not OmegaConf.select(cfg, "data.mixture", default=None):
+    if OmegaConf.select(cfg, "data.source", default=None) is None:
         problems.append("data.source is not set: a data recipe names its source (data=shapes, laion_art, ...)")
     res = OmegaConf.select(cfg, "data.resolution")
     if isinstance(res, int) and res % 8:

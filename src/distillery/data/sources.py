@@ -411,3 +411,56 @@ class ShapesSource(Source):
 
     def columns(self) -> list[str]:
         return ["key", "image", "caption", "shape", "colour", "size", "position", "background"]
+
+
+class MixtureSource(Source):
+    """Several sources interleaved by weight (SSD-1B's GRIT + Midjourney mixture).
+
+    The mixture is made at shard level, so it keeps the stream's disjoint worker assignment and
+    exact resume: each member's shards appear in one epoch's shard list in proportion to its
+    weight (a member's shards are repeated when its weight asks for more of it than it has),
+    assuming members' shards hold similar numbers of samples, as prepare_data writes them.
+    """
+
+    def __init__(self, members: list) -> None:
+        if not members:
+            raise DataSourceError("a mixture needs at least one member: [{source: ..., weight: ...}, ...]")
+        self.sources, weights = [], []
+        for i, member in enumerate(members):
+            weight = float(member.get("weight", 1.0))
+            if not weight > 0:
+                raise DataSourceError(f"mixture member {i} has weight {weight!r}: weights must be > 0")
+            self.sources.append(member["source"])
+            weights.append(weight)
+        counts = [len(s.shards()) for s in self.sources]
+        empty = [self.sources[i].describe() for i, n in enumerate(counts) if n == 0]
+        if empty:
+            raise DataSourceError(f"mixture members with no shards: {empty}")
+        # Entries per member proportional to its weight, with every shard of every member visited.
+        scale = max(n / w for n, w in zip(counts, weights))
+        self._shards = []
+        for m, (source, w) in enumerate(zip(self.sources, weights)):
+            own = source.shards()
+            self._shards += [(m, own[j % len(own)]) for j in range(max(len(own), round(w * scale)))]
+        self.weights = weights
+
+    def shards(self) -> list:
+        return list(self._shards)
+
+    def read(self, shard, start: int = 0) -> Iterator[dict]:
+        m, inner = shard
+        for record in self.sources[m].read(inner, start=start):
+            record["key"] = f"m{m}/{record.get('key')}"
+            yield record
+
+    def size(self, shard) -> int | None:
+        m, inner = shard
+        source = self.sources[m]
+        return source.size(inner) if hasattr(source, "size") else None
+
+    def describe(self) -> str:
+        parts = [f"{w:g} x {s.describe()}" for s, w in zip(self.sources, self.weights)]
+        return "mixture of " + " + ".join(parts)
+
+    def columns(self) -> list[str]:
+        return sorted({c for s in self.sources for c in s.columns()})
