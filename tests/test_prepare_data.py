@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from distillery.data.prepare import PrepareError, apply_filters
@@ -145,6 +146,20 @@ def test_prepare_data_filters_downloads_and_counts_failures(image_server, tmp_pa
     # The printed summary: each filter step and the download counts.
     assert "aesthetic >= 7.5" in result.stdout
     assert "5 tried, 3 ok, 1 failed to download, 1 failed to resize" in result.stdout
+
+    # The shards feed the recipe's own training data path (its filters, min_size and transform).
+    from hydra.utils import instantiate
+
+    from conftest import compose_train
+
+    cfg = compose_train(["arch=bk_small", "data=laion_art", f"data.source.urls={out}/*.tar", "data.resolution=64",
+                         "data.num_workers=0", "data.batch_size=3"], tmp_path / "run")
+    dm = instantiate(cfg.data)
+    dm.setup()
+    batch = next(iter(torch.utils.data.DataLoader(dm.dataset, batch_size=3)))
+    assert batch["pixel_values"].shape == (3, 3, 64, 64)
+    assert set(batch["caption"]) == {"a red square", "a wide red picture", "a tall red picture"}
+    assert sorted(batch["original_size"].tolist()) == sorted([[512, 640], [600, 800], [700, 600]])
 
 
 def test_prepare_data_names_a_missing_caption_column(tmp_path):

@@ -141,6 +141,10 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         if reason:
             return reason
         pixels, original_size, crop_top_left = self.transform(image, gen)
+        if record.get("original_height") and record.get("original_width"):
+            # img2dataset shards hold resized images and record the size before: that is the
+            # original size SDXL conditions on.
+            original_size = (int(record["original_height"]), int(record["original_width"]))
         return {
             "pixel_values": pixels,
             "caption": "" if dropped else caption,
