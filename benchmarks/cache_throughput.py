@@ -16,26 +16,15 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
+from distillery.config import compose_train_config
 from distillery.data.cache import build_cache, teacher_stamp
 from distillery.models.teacher import load_teacher
 from distillery.training import build
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def config(overrides: list[str], run_dir: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run_dir)
-        del cfg["hydra"]
-    return cfg
+    return compose_train_config(overrides, run_dir)
 
 
 def steps_per_second(parts: dict, batches: list, device: torch.device) -> float:

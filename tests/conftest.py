@@ -46,17 +46,9 @@ def tiny_sd_v_folder(tmp_path_factory) -> Path:
 def compose_train(overrides: list[str], run_dir: Path):
     """The real training config, composed as `python src/train.py <overrides>` would, with
     the run folder in a temp dir."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from distillery.config import compose_train_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run_dir)
-        del cfg["hydra"]
-    return cfg
+    return compose_train_config(overrides, run_dir)
 
 
 # Small and quick: batch 2, 64 px, CSV logging every step, no end-of-run export.

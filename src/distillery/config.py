@@ -199,3 +199,23 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"ckpt_path={ckpt!r} is not a file (give a .ckpt path, or 'last' to resume this run folder)")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def compose_train_config(overrides: list[str], output_dir) -> DictConfig:
+    """The training config as `python src/train.py <overrides>` composes it, with the run folder
+    set to `output_dir`: for tests, benchmarks and notebooks that call `training.train` directly."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import os
+
+    root = os.environ.get("DISTILLERY_ROOT") or Path(__file__).resolve().parents[2]  # the checkout
+    conf_dir = Path(root) / "conf"
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg["hydra"]
+    return cfg

@@ -120,7 +120,8 @@ def _scheduler_class(name: str):
     return cls
 
 
-def _from_components(source: str, parts: dict) -> Teacher:
+def teacher_from_components(source: str, parts: dict) -> Teacher:
+    """A Teacher from a dict of pipeline components (unet, vae, text_encoder[_2], tokenizer[_2], schedulers)."""
     return Teacher(
         source=source, unet=parts["unet"], vae=parts.get("vae"), text_encoder=parts.get("text_encoder"),
         tokenizer=parts["tokenizer"], noise_scheduler=parts["scheduler"],
@@ -140,7 +141,7 @@ def load_teacher(source: str, seed: int = 0, encoders: bool = True) -> Teacher:
         parts = build(seed=seed)
         if not encoders:
             parts.update(vae=None, text_encoder=None, text_encoder_2=None)
-        return _from_components(source, parts)
+        return teacher_from_components(source, parts)
 
     path = Path(source).expanduser()
     if path.exists():
@@ -191,4 +192,4 @@ def load_teacher(source: str, seed: int = 0, encoders: bool = True) -> Teacher:
             f"teacher {source!r} has prediction_type={parts['scheduler'].config.prediction_type!r}; "
             f"supported: {', '.join(PREDICTION_TYPES)}"
         )
-    return _from_components(source, parts)
+    return teacher_from_components(source, parts)

@@ -171,18 +171,16 @@ def tiny_sd_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
     }
 
 
+def _pipeline(parts: dict):
+    # Assembled by the same builder that export and sample grids use.
+    from distillery.models.teacher import teacher_from_components
+    from distillery.sampling import make_pipeline
+
+    return make_pipeline(teacher_from_components("tiny", parts), parts["unet"])
+
+
 def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
-    c = tiny_sd_components(seed, prediction_type)
-    return StableDiffusionPipeline(
-        vae=c["vae"],
-        text_encoder=c["text_encoder"],
-        tokenizer=c["tokenizer"],
-        unet=c["unet"],
-        scheduler=c["sampling_scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return _pipeline(tiny_sd_components(seed, prediction_type))
 
 
 def save_tiny_sd_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
@@ -228,18 +226,7 @@ def tiny_sdxl_components(seed: int = 0, prediction_type: str = "epsilon") -> dic
 
 
 def tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionXLPipeline:
-    c = tiny_sdxl_components(seed, prediction_type)
-    return StableDiffusionXLPipeline(
-        vae=c["vae"],
-        text_encoder=c["text_encoder"],
-        text_encoder_2=c["text_encoder_2"],
-        tokenizer=c["tokenizer"],
-        tokenizer_2=c["tokenizer_2"],
-        unet=c["unet"],
-        scheduler=c["sampling_scheduler"],
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
+    return _pipeline(tiny_sdxl_components(seed, prediction_type))
 
 
 def save_tiny_sdxl_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
