@@ -51,9 +51,9 @@ def compose_train(overrides: list[str], run_dir: Path):
     return compose_train_config(overrides, run_dir)
 
 
-# Small and quick: batch 2, 64 px, CSV logging every step, no end-of-run export.
-FAST = ["data.batch_size=2", "logger=csv", "trainer.log_every_n_steps=1", "export_at_end=false",
-        "trainer.accelerator=cpu"]
+# Small and quick: batch 2, 64 px, CSV logging every step, no end-of-run export or evaluation.
+FAST = ["data.batch_size=2", "data.resolution=64", "logger=csv", "trainer.log_every_n_steps=1",
+        "export_at_end=false", "eval.at_end=false", "trainer.accelerator=cpu"]
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +62,82 @@ def tiny_sdxl_folder(tmp_path_factory) -> Path:
     from distillery.models.tiny import save_tiny_sdxl_pipeline
 
     return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl") / "pipe", seed=0)
+
+
+class TinyFeatures:
+    """A small fixed feature extractor for FID/KID tests (``_target_: conftest.TinyFeatures.build``):
+    average colours over a 4x4 grid, 48 features per image in [0, 1]."""
+
+    @staticmethod
+    def build():
+        import torch
+
+        class _Grid(torch.nn.Module):
+            num_features = 48
+
+            def forward(self, images):
+                return torch.nn.functional.adaptive_avg_pool2d(images.float(), 4).flatten(1)
+
+        return _Grid()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_folder(tmp_path_factory) -> Path:
+    """A tiny CLIP model and processor (shapes tokenizer), saved with save_pretrained."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from distillery.models.tiny import shapes_tokenizer
+
+    tok = shapes_tokenizer()
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    out = tmp_path_factory.mktemp("tiny_clip") / "clip"
+    import torch
+
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(out)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}), tokenizer=tok)
+    processor.save_pretrained(out)
+    return out
+
+
+def wandb_offline_records(run_dir: Path) -> list:
+    """Every record of the W&B offline run(s) under `run_dir` (the .wandb file is a LevelDB-style
+    log of protobuf records after a 7-byte header), as wandb_internal_pb2.Record objects."""
+    from wandb.proto import wandb_internal_pb2
+
+    records = []
+    for path in sorted(Path(run_dir).rglob("run-*.wandb")):
+        data, pos, block, buf = path.read_bytes(), 7, 32768, b""
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # a block's tail too short for a header is padding
+                pos += block - pos % block
+                continue
+            length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind == 0:
+                continue
+            buf = chunk if kind in (1, 2) else buf + chunk
+            if kind in (1, 4):  # full or last fragment
+                records.append(wandb_internal_pb2.Record.FromString(buf))
+    return records
+
+
+def wandb_logged(run_dir: Path) -> dict:
+    """key -> every value logged to W&B history under `run_dir` (JSON-decoded)."""
+    import json
+
+    out: dict = {}
+    for rec in wandb_offline_records(run_dir):
+        if rec.WhichOneof("record_type") == "history":
+            for item in rec.history.item:
+                key = item.key or "/".join(item.nested_key)
+                out.setdefault(key, []).append(json.loads(item.value_json))
+    return out

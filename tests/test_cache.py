@@ -159,6 +159,6 @@ def test_entry_point_writes_shards_index_and_stamp(tmp_path):
     assert sorted(p.name for p in out.glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(3)]
     index = json.loads((out / "index.json").read_text())
     assert [s["count"] for s in index["shards"]] == [16, 16, 8]
-    assert json.loads((out / "stamp.json").read_text())["resolution"] == 64
+    assert json.loads((out / "stamp.json").read_text())["resolution"] == 32  # the shapes recipe's resolution
     assert len(read_all(out)) == 40
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no Hydra files or logs in the cwd

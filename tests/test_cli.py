@@ -42,13 +42,18 @@ def test_default_run_logs_to_wandb_offline_without_a_key(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") or k in ("WANDB_DIR", "WANDB_CACHE_DIR")}
     env["HOME"] = str(tmp_path / "home")  # no ~/.netrc with a W&B key
     env["WANDB_CONFIG_DIR"] = str(tmp_path / "wandb-config")
-    proc = run("train.py", "trainer.max_steps=3", f"paths.log_dir={tmp_path}", env=env)
+    # The default run, shortened: 3 steps and 8 evaluation prompts.
+    proc = run("train.py", "trainer.max_steps=3", "eval.num_prompts=8", f"paths.log_dir={tmp_path}", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "no API key configured" in out and "wandb sync" in out
     (run_dir,) = (tmp_path / "train" / "runs").iterdir()
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run folder"
     assert (run_dir / "samples.png").is_file() and (run_dir / "student" / "model_index.json").is_file()
+    # It ends with the evaluation of teacher and student, printed as a table.
+    doc = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert [m["role"] for m in doc["models"]] == ["teacher", "student"]
+    assert "prompt fidelity" in proc.stdout and "PSNR vs teacher (dB)" in proc.stdout
 
 
 @pytest.mark.slow

@@ -153,7 +153,8 @@ def test_unknown_arch_key_is_refused_by_validate(default_cfg):
 def test_default_config_validates_and_resolves(train_cfg, tmp_path):
     cfg = train_cfg()
     validate(cfg)
-    assert cfg.arch.name == "demo" and cfg.arch.teacher == "tiny-random"
+    assert cfg.arch.name == "demo" and cfg.arch.teacher == "shapes-teacher"
+    assert cfg.data.resolution == 32 and cfg.eval.at_end is True  # the shapes world judges itself
     assert _weights(cfg) == (1.0, 1.0, 1.0)
     plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert plain["trainer"]["default_root_dir"] == str(tmp_path)
@@ -237,7 +238,7 @@ def test_smoke_experiment_is_a_short_cpu_run(train_cfg):
     cfg = train_cfg("experiment=smoke")
     assert cfg.trainer.accelerator == "cpu"
     assert cfg.trainer.max_steps <= 50
-    assert cfg.arch.teacher == "tiny-random"
+    assert cfg.arch.teacher == "shapes-teacher"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

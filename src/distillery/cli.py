@@ -9,13 +9,15 @@ from typing import Any, Callable
 from distillery.config import ConfigError
 from distillery.data.cache import CacheMismatchError
 from distillery.data.sources import DataSourceError
+from distillery.eval.metrics import MetricSetupError
+from distillery.eval.runner import EvalError
 from distillery.export import ExportError
 from distillery.models.features import FeaturePairError
 from distillery.models.students import StudentRuleError
 from distillery.models.teacher import TeacherLoadError
 
 USER_ERRORS = (ConfigError, StudentRuleError, TeacherLoadError, FeaturePairError, ExportError, DataSourceError,
-               CacheMismatchError)
+               CacheMismatchError, EvalError, MetricSetupError)
 
 
 def tidy_logging() -> None:
@@ -70,6 +72,10 @@ def report(result: dict[str, Any]) -> None:
         "checkpoint": result.get("checkpoint"),
         "student (diffusers)": result.get("export_dir"),
         "teacher vs student samples": result.get("samples"),
+        "trained pipeline (diffusers)": result.get("pipeline_dir"),
+        "samples": result.get("pipeline_samples"),
+        "evaluation": result.get("eval_results"),
+        "evaluation grid": result.get("eval_grid"),
     }
     for key, value in rows.items():
         if value is not None:
@@ -84,3 +90,57 @@ def report(result: dict[str, Any]) -> None:
             continue
         table.add_row(key, f"{value:.4g}")
     Console().print(table)
+    if result.get("evaluation"):
+        Console().print(figures_table(result["evaluation"], "teacher vs student"))
+
+
+# The figures of an evaluation, in the order a reader compares models.
+EVAL_COLUMNS = (("fid", "FID", "{:.2f}"), ("kid", "KID", "{:.4f}"), ("clip_score", "CLIP", "{:.2f}"),
+                ("prompt_fidelity", "prompt fidelity", "{:.3f}"), ("params", "U-Net params", "{:,}"),
+                ("macs", "U-Net MACs", None), ("unet_latency_s", "U-Net s/img", "{:.4f}"),
+                ("pipeline_latency_s", "pipeline s/img", "{:.3f}"))
+
+
+def _format(value: Any, fmt: str | None) -> str:
+    if fmt is None:
+        return f"{value / 1e9:.2f}G" if value >= 1e8 else f"{value / 1e6:.1f}M"
+    return fmt.format(value)
+
+
+def _comparison_name(key: str) -> str:
+    """"vs_teacher/psnr_db" -> "PSNR vs teacher (dB)"; "vs_teacher/attributes_agreement" ->
+    "attributes agreement vs teacher"."""
+    other, _, figure = key[len("vs_"):].partition("/")
+    if figure == "psnr_db":
+        return f"PSNR vs {other} (dB)"
+    return f"{figure.replace('_', ' ')} vs {other}"
+
+
+def figures_table(models: list[dict], title: str):
+    """One column per model, one row per figure any of them has (comparisons included): narrow
+    enough for a terminal whatever the number of figures."""
+    from rich.table import Table
+
+    extra = sorted({k for m in models for k in m["metrics"] if k.startswith("vs_")})
+    rows = [c for c in EVAL_COLUMNS if any(c[0] in m["metrics"] for m in models)]
+    rows += [(k, _comparison_name(k), "{:.3f}") for k in extra]
+    table = Table(title=title)
+    table.add_column("figure", no_wrap=True)
+    for m in models:
+        table.add_column(f"{m['label']} ({m['role']})", justify="right", no_wrap=True)
+    for key, header, fmt in rows:
+        table.add_row(header, *[_format(m["metrics"][key], fmt) if key in m["metrics"] else "-" for m in models])
+    return table
+
+
+def _shown(path: Any) -> str:
+    p = Path(path)
+    return str(p.resolve().relative_to(Path.cwd())) if p.resolve().is_relative_to(Path.cwd()) else str(p)
+
+
+def report_eval(result: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(figures_table(result["models"], "evaluation"))
+    console.print(f"results: {_shown(result['results'])}\ngrid:    {_shown(result['grid'])}")

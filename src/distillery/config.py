@@ -151,11 +151,38 @@ def _positive_int(cfg: Any, key: str, problems: list[str], minimum: int = 1) -> 
         problems.append(f"{key}={value!r} must be an integer >= {minimum}")
 
 
+def _check_from_scratch(cfg: DictConfig, problems: list[str]) -> None:
+    _positive_int(cfg, "method.vae_steps", problems)
+    vae_steps, max_steps = OmegaConf.select(cfg, "method.vae_steps"), OmegaConf.select(cfg, "trainer.max_steps")
+    if isinstance(vae_steps, int) and isinstance(max_steps, int) and vae_steps >= max_steps:
+        problems.append(f"method.vae_steps={vae_steps} must be < trainer.max_steps={max_steps}: "
+                        "the U-Net and text encoder train in the steps after the VAE's")
+    lr, kl = OmegaConf.select(cfg, "method.vae_lr"), OmegaConf.select(cfg, "method.kl_weight")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        problems.append(f"method.vae_lr={lr!r} must be a number > 0")
+    if not (isinstance(kl, (int, float)) and kl >= 0):
+        problems.append(f"method.kl_weight={kl!r} must be a number >= 0")
+    gamma = OmegaConf.select(cfg, "method.snr_gamma")
+    if gamma is not None and not (isinstance(gamma, (int, float)) and gamma > 0):
+        problems.append(f"method.snr_gamma={gamma!r} must be > 0, or null for the plain epsilon loss")
+    missing = [k for k in ("vae", "text_encoder", "unet") if OmegaConf.select(cfg, f"method.components.{k}") is None]
+    if missing:
+        problems.append(f"method.components lacks {', '.join(missing)} (the sizes of each pipeline component)")
+    levels = OmegaConf.select(cfg, "method.components.vae.block_out_channels")
+    res = OmegaConf.select(cfg, "data.resolution")
+    if levels is not None and isinstance(res, int) and res % (2 ** (len(levels) - 1) * 8):
+        problems.append(f"data.resolution={res} must be a multiple of {2 ** (len(levels) - 1) * 8}: the VAE "
+                        f"downsamples by {2 ** (len(levels) - 1)} and the U-Net's latents by 8")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing every problem of a composed training config."""
     problems: list[str] = []
-    _check_arch(cfg.arch, problems)
-    _check_loss(cfg.loss, problems)
+    if OmegaConf.select(cfg, "method.runner") is None:  # distillation: a teacher, a student rule, a KD loss
+        _check_arch(cfg.arch, problems)
+        _check_loss(cfg.loss, problems)
+    else:  # a whole pipeline trained from scratch: no teacher, no student
+        _check_from_scratch(cfg, problems)
     _positive_int(cfg, "data.batch_size", problems)
     _positive_int(cfg, "data.resolution", problems, minimum=8)
     _positive_int(cfg, "data.num_workers", problems, minimum=0)
@@ -204,6 +231,12 @@ def validate(cfg: DictConfig) -> None:
 def compose_train_config(overrides: list[str], output_dir) -> DictConfig:
     """The training config as `python src/train.py <overrides>` composes it, with the run folder
     set to `output_dir`: for tests, benchmarks and notebooks that call `training.train` directly."""
+    return compose_config("train", overrides, output_dir)
+
+
+def compose_config(name: str, overrides: list[str], output_dir) -> DictConfig:
+    """An entry point's config (``train``, ``eval``) composed as its script would, with the run
+    folder set to `output_dir`."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -213,7 +246,7 @@ def compose_train_config(overrides: list[str], output_dir) -> DictConfig:
     root = os.environ.get("DISTILLERY_ROOT") or Path(__file__).resolve().parents[2]  # the checkout
     conf_dir = Path(root) / "conf"
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(name, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)

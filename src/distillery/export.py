@@ -96,4 +96,7 @@ def export_student(ckpt_path: str | Path, out_dir: str | Path, ema: bool = False
     params = sum(p.numel() for p in unet.parameters())
     card = model_card(info, int(ckpt.get("global_step", 0)), ema, params, type(pipe).__name__)
     (out / "README.md").write_text(card)
+    # What the student is (arch, teacher, rule, loss, step): evaluation and notebooks read it.
+    record = {**info, "step": int(ckpt.get("global_step", 0)), "ema": bool(ema)}
+    (out / "distillery.json").write_text(json.dumps(record, indent=2, default=str))
     return out

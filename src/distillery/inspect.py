@@ -99,7 +99,9 @@ def vae_scale_factor(teacher: str) -> int:
 
         channels = tiny_vae().config.block_out_channels
         return 2 ** (len(channels) - 1)
-    vae_cfg = Path(teacher).expanduser() / "vae" / "config.json"
+    from distillery.models.teacher import teacher_path
+
+    vae_cfg = Path(teacher_path(teacher)).expanduser() / "vae" / "config.json"
     if vae_cfg.is_file():
         import json
 

@@ -27,12 +27,17 @@ def wandb_credentials_configured() -> bool:
     return rc.authenticators(base) is not None
 
 
-def make_loggers(logger_cfg: DictConfig | None) -> list[Any]:
-    """Instantiate every configured logger (``logger=wandb|csv|none``)."""
+def make_loggers(logger_cfg: DictConfig | None, resume_run_id: str | None = None) -> list[Any]:
+    """Instantiate every configured logger (``logger=wandb|csv|none``). ``resume_run_id``: the
+    W&B run a resumed training run continues (read from its checkpoint)."""
     loggers = []
     for name, cfg in (logger_cfg or {}).items():
         if cfg is None or "_target_" not in cfg:
             continue
+        if cfg._target_.endswith("WandbLogger") and resume_run_id:
+            with open_dict(cfg):
+                cfg.id, cfg.resume = resume_run_id, "allow"
+            log.info("W&B: continuing run %s", resume_run_id)
         if cfg._target_.endswith("WandbLogger") and not cfg.get("offline") and not wandb_credentials_configured():
             with open_dict(cfg):
                 cfg.offline = True
@@ -43,3 +48,12 @@ def make_loggers(logger_cfg: DictConfig | None) -> list[Any]:
             )
         loggers.append(instantiate(cfg))
     return loggers
+
+
+def close_loggers(loggers: list[Any], status: str = "success") -> None:
+    """Finalize every logger and end the W&B run, so its files are complete on disk and the next
+    job of a multirun (same process) starts a run of its own instead of reusing this one."""
+    for lg in loggers:
+        lg.finalize(status)
+        if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
+            lg.experiment.finish(exit_code=0 if status == "success" else 1)

@@ -16,7 +16,7 @@ from distillery.config import ConfigError, validate
 from distillery.models.features import check_pair_shapes, resolve_pairs
 from distillery.models.students import build_student
 from distillery.models.teacher import load_teacher, place, resolve_dtype
-from distillery.tracking import make_loggers
+from distillery.tracking import close_loggers, make_loggers
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,20 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         vae_scale_factor=cfg.data.resolution // size,
     )
     datamodule = instantiate(cfg.data)
+    log.info("teacher %s -> student %s: %s -> %s U-Net params, %d feature pairs",
+             cfg.arch.teacher, cfg.arch.name, f"{sum(p.numel() for p in teacher.unet.parameters()):,}",
+             f"{sum(p.numel() for p in student.parameters()):,}", len(pairs))
     return {"teacher": teacher, "student": student, "pairs": pairs, "model": model, "datamodule": datamodule}
+
+
+def method_runner(cfg: DictConfig):
+    """The module whose ``build(cfg)`` and ``finish(...)`` run this method: this one (distillation)
+    unless the method config names another in ``method.runner`` (training a pipeline from scratch)."""
+    import importlib
+    import sys
+
+    name = cfg.method.get("runner")
+    return importlib.import_module(name) if name else sys.modules[__name__]
 
 
 def check_cache(cfg: DictConfig, cache: str) -> dict[str, Any]:
@@ -137,41 +150,46 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = _resolve_ckpt_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
-    parts = build(cfg)
+    runner = method_runner(cfg)
+    parts = runner.build(cfg)
     model, datamodule = parts["model"], parts["datamodule"]
 
-    loggers = make_loggers(cfg.get("logger"))
+    from distillery.callbacks import TeacherStudentSamples, Throughput, TrackerRunId, wandb_run_id
+
+    loggers = make_loggers(cfg.get("logger"), resume_run_id=wandb_run_id(ckpt_path))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     if not loggers:  # logger=none: there is nowhere to send the learning rate
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks += [TrackerRunId(), Throughput(cfg.trainer.get("log_every_n_steps", 50))]
+    if cfg.eval.get("every_n_steps") or cfg.eval.get("metrics_every_n_steps"):
+        callbacks.append(TeacherStudentSamples(cfg, run_dir))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer)
     )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    log.info("teacher %s -> student %s: %s -> %s U-Net params, %d feature pairs",
-             cfg.arch.teacher, cfg.arch.name,
-             f"{sum(p.numel() for p in parts['teacher'].unet.parameters()):,}",
-             f"{sum(p.numel() for p in parts['student'].parameters()):,}", len(parts["pairs"]))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    status = "failed"
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    # Checkpoints are written every N steps; make sure the final step is on disk too.
-    ckpt_dir = _checkpoint_dir(cfg)
-    ckpt_cb = trainer.checkpoint_callback
-    if ckpt_cb is not None and getattr(ckpt_cb, "_last_global_step_saved", -1) != trainer.global_step:
-        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
-    if model.skipped and any(model.skipped.values()):
-        from distillery.data.streaming import skipped_summary
+        # Checkpoints are written every N steps; make sure the final step is on disk too.
+        ckpt_dir = _checkpoint_dir(cfg)
+        ckpt_cb = trainer.checkpoint_callback
+        if ckpt_cb is not None and getattr(ckpt_cb, "_last_global_step_saved", -1) != trainer.global_step:
+            trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+        if model.skipped and any(model.skipped.values()):
+            from distillery.data.streaming import skipped_summary
 
-        log.warning("the data stream skipped samples: %s", skipped_summary(model.skipped))
-    result: dict[str, Any] = {"run_dir": run_dir, "global_step": trainer.global_step,
-                              "skipped": dict(model.skipped),
-                              "checkpoint": ckpt_dir / "last.ckpt",
-                              "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
-    if cfg.get("export_at_end") and trainer.is_global_zero and (ckpt_dir / "last.ckpt").is_file():
-        result.update(finish(cfg, parts, ckpt_dir / "last.ckpt", run_dir, loggers))
-    for lg in loggers:
-        lg.finalize("success")
+            log.warning("the data stream skipped samples: %s", skipped_summary(model.skipped))
+        result: dict[str, Any] = {"run_dir": run_dir, "global_step": trainer.global_step,
+                                  "skipped": dict(model.skipped),
+                                  "checkpoint": ckpt_dir / "last.ckpt",
+                                  "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+        if cfg.get("export_at_end") and trainer.is_global_zero and (ckpt_dir / "last.ckpt").is_file():
+            result.update(runner.finish(cfg, parts, ckpt_dir / "last.ckpt", run_dir, loggers))
+        status = "success"
+    finally:
+        close_loggers(loggers, status)
     return result
 
 
@@ -206,4 +224,31 @@ def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: lis
     for lg in loggers:
         if hasattr(lg, "log_image"):
             lg.log_image("samples/teacher_vs_student", [image], caption=[" | ".join(prompts)])
-    return {"export_dir": export_dir, "samples": grid_path}
+    out = {"export_dir": export_dir, "samples": grid_path}
+    if cfg.eval.get("at_end"):
+        out.update(evaluate_at_end(cfg, teacher, student, export_dir, run_dir / "eval", loggers))
+    return out
+
+
+def evaluate_at_end(cfg: DictConfig, teacher, student, export_dir: Path, out_dir: Path, loggers: list) -> dict[str, Any]:
+    """Teacher and exported student through the evaluation code of src/eval.py: same prompts,
+    same seeds, the student also compared image by image with the teacher."""
+    import dataclasses
+    import json
+
+    from distillery.eval.metrics import FeatureDistance
+    from distillery.eval.runner import (
+        EvalModel, evaluate_models, log_results, prompts_and_reference, settings_from_config, write_results,
+    )
+
+    s = settings_from_config(cfg.eval, cfg.data, cfg.scheduler)
+    device = teacher.unet.device
+    distance = FeatureDistance(s.fid_feature, s.kid_subset_size, device) if s.fid_feature is not None else None
+    prompts, origin = prompts_and_reference(None, cfg.data, s, distance)
+    info = json.loads((export_dir / "distillery.json").read_text())
+    models = [EvalModel("teacher", "teacher", str(teacher.source), teacher),
+              EvalModel("student", "student", str(export_dir), dataclasses.replace(teacher, unet=student), info)]
+    results = evaluate_models(models, prompts, s, cfg.scheduler, distance, device, dtype=None)
+    files = write_results(out_dir, results, s, origin, len(prompts), prompts)
+    log_results(loggers, results, files["grid"], prompts[: s.grid_images])
+    return {"eval_results": files["results"], "eval_grid": files["grid"], "evaluation": results}

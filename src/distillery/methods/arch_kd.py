@@ -192,6 +192,12 @@ class ArchKD(L.LightningModule):
             for reason, n in self.skipped.items():
                 self.log(f"data/skipped_{reason}", float(n), reduce_fx="sum", sync_dist=True)
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # After unscaling, before clipping: the norm of the gradient the loss actually produced.
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # Here rather than in on_train_batch_end: once per real optimizer step (not per

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from distillery.models.teacher import TINY_RANDOM, TINY_RANDOM_XL, TeacherLoadError
+from distillery.models.teacher import TINY_RANDOM, TINY_RANDOM_XL, TeacherLoadError, teacher_path
 
 CONFIG_DIR = Path(__file__).parent / "unet_configs"
 
@@ -28,7 +28,7 @@ def load_unet_config(teacher: str) -> dict:
         return dict((tiny_unet if teacher == TINY_RANDOM else tiny_sdxl_unet)().config)
     if teacher in KNOWN_TEACHERS:
         return json.loads((CONFIG_DIR / KNOWN_TEACHERS[teacher]).read_text())
-    folder = Path(teacher).expanduser()
+    folder = Path(teacher_path(teacher)).expanduser()  # a shipped teacher's name: its folder
     for candidate in (folder / "unet" / "config.json", folder / "config.json"):
         if candidate.is_file():
             return json.loads(candidate.read_text())

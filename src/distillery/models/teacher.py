@@ -18,6 +18,9 @@ from torch import nn
 
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_XL = "tiny-random-xl"
+# Teachers shipped inside the package, by name: `arch.teacher=shapes-teacher` is the demo
+# world's teacher (a diffusers pipeline folder trained by `experiment=demo_teacher`).
+SHIPPED_TEACHERS = {"shapes-teacher": Path(__file__).resolve().parents[1] / "assets" / "demo_teacher"}
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -130,10 +133,18 @@ def teacher_from_components(source: str, parts: dict) -> Teacher:
     )
 
 
+def teacher_path(source: str) -> str:
+    """A shipped teacher's name -> its pipeline folder; anything else unchanged."""
+    return str(SHIPPED_TEACHERS[source]) if source in SHIPPED_TEACHERS else source
+
+
 def load_teacher(source: str, seed: int = 0, encoders: bool = True) -> Teacher:
     """Load the teacher in float32 (the student copies its weights at full precision first);
     call ``freeze(dtype)`` afterwards. ``encoders=False`` skips the VAE and the text encoders,
-    for training from a latent cache."""
+    for training from a latent cache. A shipped teacher's name loads its folder, the ordinary way."""
+    name, source = source, teacher_path(source)
+    if name != source and not Path(source, "model_index.json").is_file():
+        raise TeacherLoadError(f"the shipped teacher {name!r} is missing from {source} (an incomplete checkout?)")
     if source in (TINY_RANDOM, TINY_RANDOM_XL):
         from distillery.models import tiny
 

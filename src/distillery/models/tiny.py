@@ -113,18 +113,16 @@ def shapes_tokenizer() -> CLIPTokenizer:
 
 
 def _tiny_clip_text_config(tokenizer: CLIPTokenizer, **extra) -> CLIPTextConfig:
+    """A CLIP text encoder config for `tokenizer`; `extra` overrides the sizes or adds keys."""
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         max_position_embeddings=77,
         # A real eos id makes the pooled output pick the eos position, as in current CLIP configs.
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **extra,
+        **{**sizes, **extra},
     )
 
 
@@ -152,6 +150,13 @@ def tiny_sd_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
         unet = tiny_unet()
         vae = tiny_vae()
         text_encoder = tiny_text_encoder(tokenizer)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            **sd_schedulers(prediction_type)}
+
+
+def sd_schedulers(prediction_type: str = "epsilon") -> dict:
+    """SD-1.x's betas: a DDPM scheduler for training and a DDIM one for sampling."""
+    _check_prediction_type(prediction_type)
     scheduler = DDPMScheduler(**SD_BETAS, prediction_type=prediction_type, clip_sample=False)
     # DDIM rather than SD's PNDM: PNDM cannot sample with prediction_type="sample".
     sampling_scheduler = DDIMScheduler(
@@ -161,14 +166,7 @@ def tiny_sd_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-        "sampling_scheduler": sampling_scheduler,
-    }
+    return {"scheduler": scheduler, "sampling_scheduler": sampling_scheduler}
 
 
 def _pipeline(parts: dict):

@@ -1,0 +1,139 @@
+"""Gather the results.json files of many runs (a multirun folder, a list of eval runs) into
+one table, and draw image quality against U-Net latency. Used by notebooks/results.ipynb."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+# Figures a quality-versus-speed comparison reads, in table order.
+COLUMNS = ("label", "role", "arch", "run", "fid", "kid", "clip_score", "prompt_fidelity",
+           "unet_latency_s", "pipeline_latency_s", "params", "macs", "source")
+
+
+def find_results(roots: Iterable[str | Path]) -> list[Path]:
+    """Every results.json under the given folders (or the files themselves), sorted."""
+    found: set[Path] = set()
+    for root in roots:
+        root = Path(root).expanduser()
+        if root.is_file():
+            found.add(root.resolve())
+        elif root.is_dir():
+            found.update(p.resolve() for p in root.rglob("results.json"))
+    return sorted(found)
+
+
+def load_rows(roots: Iterable[str | Path]) -> list[dict]:
+    """One row per evaluated model per results.json: its identity, its run folder and every
+    scalar figure (comparisons with a reference model included, e.g. vs_teacher/psnr_db).
+    A teacher evaluated in several runs under the same label appears once (its first evaluation)."""
+    rows, teachers = [], set()
+    for path in find_results(roots):
+        doc = json.loads(path.read_text())
+        for model in doc.get("models", []):
+            if model.get("role") == "teacher":
+                key = (model.get("source"), model.get("label"))
+                if key in teachers:
+                    continue
+                teachers.add(key)
+            row = {"label": model.get("label"), "role": model.get("role"), "arch": model.get("arch", ""),
+                   "loss": loss_name(model.get("loss")), "run": str(path.parent), "source": model.get("source")}
+            row.update({k: v for k, v in model.get("metrics", {}).items() if isinstance(v, (int, float))})
+            rows.append(row)
+    return rows
+
+
+def loss_name(weights: dict | None) -> str:
+    """The KD loss of a student in words: "task + output KD + feature KD" (with non-unit weights)."""
+    if not weights:
+        return ""
+    parts = []
+    for key, name in (("task", "task"), ("output", "output KD"), ("feature", "feature KD")):
+        w = float(weights.get(key) or 0)
+        if w:
+            parts.append(name if w == 1 else f"{w:g} x {name}")
+    return " + ".join(parts)
+
+
+def summary_table(rows: list[dict], by: str = "loss", figures: tuple[str, ...] = (
+        "fid", "prompt_fidelity", "vs_teacher/psnr_db", "vs_teacher/attributes_agreement")) -> str:
+    """A markdown table: one line per value of `by` (students only, plus the teacher), each
+    figure as mean ± standard deviation over the runs that share it (e.g. seeds)."""
+    import statistics
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        key = "teacher" if r["role"] == "teacher" else (r.get(by) or r["label"])
+        groups.setdefault(key, []).append(r)
+    shown = [f for f in figures if any(f in r for r in rows)]
+    lines = [f"| {by} | runs | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
+    for key, members in sorted(groups.items(), key=lambda kv: (kv[0] != "teacher", kv[0])):
+        cells = []
+        for f in shown:
+            values = [m[f] for m in members if f in m]
+            if not values:
+                cells.append("-")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.3f}")
+            else:
+                cells.append(f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}")
+        lines.append(f"| {key} | {len(members)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Summarise the results.json files under some folders "
+                                                 "(mean ± std over runs that share a value of --by).")
+    parser.add_argument("folders", nargs="+")
+    parser.add_argument("--by", default="loss", help="group students by this column (loss, arch, label)")
+    args = parser.parse_args(argv)
+    rows = load_rows(args.folders)
+    if not rows:
+        raise SystemExit(f"no results.json under {args.folders}")
+    print(summary_table(rows, by=args.by))
+
+
+def to_frame(rows: list[dict]):
+    """The rows as a pandas DataFrame, known columns first."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    first = [c for c in COLUMNS if c in frame.columns]
+    return frame[first + [c for c in frame.columns if c not in first]]
+
+
+def quality_vs_latency(rows: list[dict], metrics: tuple[str, ...] = ("fid", "clip_score", "prompt_fidelity"),
+                       latency: str = "unet_latency_s"):
+    """One panel per quality figure present, against U-Net latency: a point per student, the
+    teacher(s) drawn as a star. Returns the matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    present = [m for m in metrics if any(m in r for r in rows)]
+    if not present or not any(latency in r for r in rows):
+        raise ValueError(f"no rows with {latency} and one of {metrics}: evaluate with latency enabled")
+    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 4), squeeze=False)
+    for ax, metric in zip(axes[0], present):
+        for r in rows:
+            if metric not in r or latency not in r:
+                continue
+            teacher = r["role"] == "teacher"
+            ax.scatter(r[latency] * 1000, r[metric], marker="*" if teacher else "o", s=180 if teacher else 50,
+                       color="black" if teacher else None, zorder=3)
+            name = "teacher" if teacher else (r.get("arch") or r["label"])
+            ax.annotate(name, (r[latency] * 1000, r[metric]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xlabel("U-Net latency (ms / image)")
+        ax.set_ylabel(metric + (" (lower is better)" if metric in ("fid", "kid") else " (higher is better)"))
+        ax.grid(alpha=0.3)
+    fig.suptitle("Image quality versus U-Net latency")
+    fig.tight_layout()
+    return fig
+
+
+if __name__ == "__main__":
+    main()

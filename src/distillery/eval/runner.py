@@ -1,0 +1,438 @@
+"""Evaluation: generate images for a prompt set and measure them, then time the model.
+
+One or more models (a teacher, an exported student, a training checkpoint) see the same
+prompts with the same seeds (image i of every model starts from the noise of seed + i), batch by
+batch, so a second model can be compared image for image with the first (PSNR, attribute
+agreement) without keeping anything in memory. Reference features for FID are extracted once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from distillery.eval.metrics import (
+    ClipScore, FeatureDistance, MetricSetupError, RunningMeans, prompt_metrics, psnr, to_tensor,
+)
+from distillery.models.teacher import Teacher, load_teacher, place, resolve_dtype
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class EvalError(ValueError):
+    """The evaluation cannot run as configured (model, prompts, reference set)."""
+
+
+# ---------------------------------------------------------------------------------- models
+@dataclass
+class EvalModel:
+    """A text-to-image model to evaluate: pipeline components, with its U-Net in ``parts.unet``."""
+
+    label: str
+    role: str  # "teacher" or "student"
+    source: str
+    parts: Teacher
+    info: dict = field(default_factory=dict)  # arch, teacher, step... of a distilled student
+
+    @property
+    def unet(self):
+        return self.parts.unet
+
+    def identity(self) -> dict:
+        keys = ("arch", "teacher", "rule", "loss", "step", "ema")
+        return {"label": self.label, "role": self.role, "source": self.source,
+                **{k: self.info[k] for k in keys if k in self.info}}
+
+
+def load_model(spec: str, label: str = "model", ema: bool = False, seed: int = 0) -> EvalModel:
+    """A hub id or pipeline folder (a teacher, or a student exported by distillery, which carries
+    a distillery.json), or a training checkpoint (.ckpt), completed with its teacher's VAE and
+    text encoders."""
+    path = Path(str(spec)).expanduser()
+    if path.suffix == ".ckpt" or path.is_file():
+        from distillery.export import load_checkpoint, student_from_checkpoint
+
+        ckpt = load_checkpoint(path)
+        info = dict(ckpt["distillery"], step=int(ckpt.get("global_step", 0)), ema=bool(ema))
+        unet = student_from_checkpoint(ckpt, ema=ema)
+        parts = load_teacher(info["teacher"], seed=info.get("teacher_seed", 0))
+        parts.unet = unet
+        return EvalModel(label, "student", str(path.resolve()), parts, info)
+    parts = load_teacher(str(spec), seed=seed)
+    source = str(path.resolve()) if path.exists() else str(spec)
+    card = path / "distillery.json"
+    info = json.loads(card.read_text()) if card.is_file() else {}
+    return EvalModel(label, "student" if info.get("arch") else "teacher", source, parts, info)
+
+
+def to_device(model: EvalModel, device: torch.device, dtype: torch.dtype) -> None:
+    for name, module in model.parts.frozen_modules.items():
+        module.requires_grad_(False).eval()
+        keep_fp32 = name == "vae" and dtype == torch.float16 and module.config.get("force_upcast", False)
+        place(module, device, torch.float32 if keep_fp32 else dtype)
+
+
+# ---------------------------------------------------------------------------------- prompts
+def read_prompts_file(path: str | Path, limit: int | None) -> list[str]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise EvalError(f"prompts_file={str(path)!r} does not exist (expected a text file, one caption per line)")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise EvalError(f"prompts_file={str(path)!r} holds no caption")
+    return prompts[:limit] if limit else prompts
+
+
+def data_records(source, resolution: int, seed: int) -> Iterator[tuple[str, Tensor]]:
+    """(caption, image in [0, 1] at `resolution`, centre-cropped) of a data source, in its
+    natural shard order; unreadable records are skipped and counted by the stream."""
+    from distillery.data.streaming import StreamingDataset
+    from distillery.data.transforms import ImageTransform
+
+    stream = StreamingDataset(source, ImageTransform(resolution, crop="center"), seed=seed)
+    for sample in stream.single_pass():
+        yield sample["caption"], (sample["pixel_values"] + 1) / 2
+
+
+def folder_images(folder: str | Path, resolution: int, limit: int | None) -> Iterator[Tensor]:
+    """Images of a folder (sorted by name), centre-cropped to `resolution`, in [0, 1]."""
+    from distillery.data.transforms import ImageTransform
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise EvalError(f"metrics.fid.reference_folder={str(folder)!r} is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise EvalError(f"metrics.fid.reference_folder={str(folder)!r} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    transform = ImageTransform(resolution, crop="center")
+    for f in files[:limit] if limit else files:
+        try:
+            with Image.open(f) as img:
+                pixels, _, _ = transform(img.convert("RGB"), torch.Generator())
+        except Exception as err:
+            raise EvalError(f"reference image {f} cannot be read: {type(err).__name__}: {err}") from err
+        yield (pixels + 1) / 2
+
+
+# ---------------------------------------------------------------------------------- settings
+@dataclass
+class EvalSettings:
+    num_prompts: int = 1000
+    seed: int = 1234
+    steps: int = 25
+    guidance_scale: float = 7.5
+    resolution: int = 512  # generation
+    batch_size: int = 8
+    metric_resolution: int | None = None  # null: the generation resolution
+    fid_feature: Any = 2048  # 2048 (Inception) or a module config with _target_
+    reference_folder: str | None = None  # null: the images of the prompt records
+    num_reference: int | None = None
+    kid_subset_size: int = 1000
+    clip_model: str | None = "openai/clip-vit-large-patch14"
+    prompt_metrics: dict = field(default_factory=dict)
+    latency_batch_sizes: Sequence[int] = (1, 4)
+    latency_warmup: int = 3
+    latency_repeats: int = 10
+    pipeline_latency: bool = True
+    grid_images: int = 8
+    sampler: str = ""  # the scheduler class, for the record
+
+    @property
+    def judge_resolution(self) -> int:
+        return int(self.metric_resolution or self.resolution)
+
+
+# ---------------------------------------------------------------------------------- running
+class _ModelScores:
+    def __init__(self, settings: EvalSettings, distance: FeatureDistance | None, device) -> None:
+        self.distance = distance
+        self.fake: list[Tensor] = []
+        self.clip = ClipScore(settings.clip_model, device) if settings.clip_model else None
+        self.means = RunningMeans()
+        self.grid: list[Image.Image] = []
+
+
+def _generate(pipe, prompts: list[str], first_index: int, s: EvalSettings) -> list[Image.Image]:
+    device = pipe.unet.device
+    gens = [torch.Generator(device=device).manual_seed(s.seed + first_index + i) for i in range(len(prompts))]
+    out = pipe(prompts, num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
+               height=s.resolution, width=s.resolution, generator=gens)
+    return out.images
+
+
+def _agreement_fns(metrics: dict) -> dict:
+    return {name: fn for name, fn in metrics.items() if hasattr(fn, "predict")}
+
+
+def evaluate_models(models: Sequence[EvalModel], prompts: Sequence[str], settings: EvalSettings,
+                    scheduler_cfg: Any, distance: FeatureDistance | None = None,
+                    device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
+                    progress: bool = True) -> list[dict]:
+    """Figures for each model. ``distance`` holds the FID reference features (None: no FID);
+    models after the first are also compared image by image with the first."""
+    from tqdm.auto import tqdm
+
+    from distillery.eval.latency import pipeline_latency, unet_latency
+    from distillery.inspect import unet_macs
+    from distillery.sampling import build_sampler, make_pipeline
+
+    s, device = settings, torch.device(device)
+    prompts = list(prompts)
+    if not prompts:
+        raise EvalError("no prompt to evaluate on")
+    judge = s.judge_resolution
+    extra = prompt_metrics(s.prompt_metrics)
+    agree_fns = _agreement_fns(extra)
+    pipes, scores = [], []
+    for m in models:
+        if dtype is not None:  # None: the models are already placed (a training run's own)
+            to_device(m, device, dtype)
+        sampler, _ = build_sampler(scheduler_cfg, m.parts.sampling_scheduler)
+        pipe = make_pipeline(m.parts, m.unet, sampler)
+        pipe.set_progress_bar_config(disable=True)
+        pipes.append(pipe)
+        scores.append(_ModelScores(s, distance, device))
+        s.sampler = type(sampler).__name__
+    compare = [RunningMeans() for _ in models]
+
+    bar = tqdm(total=len(prompts) * len(models), desc="Generating", unit="img", disable=not progress)
+    for lo in range(0, len(prompts), s.batch_size):
+        batch = prompts[lo:lo + s.batch_size]
+        first_images = None
+        for k, (pipe, sc) in enumerate(zip(pipes, scores)):
+            pil = _generate(pipe, batch, lo, s)
+            if len(sc.grid) < s.grid_images:
+                sc.grid.extend(pil[: s.grid_images - len(sc.grid)])
+            images = to_tensor(pil, judge)
+            if distance is not None:
+                sc.fake.append(distance.features(images))
+            if sc.clip is not None:
+                sc.clip.update(images, batch)
+            for name, fn in extra.items():
+                sc.means.update(fn(images, batch), len(batch))
+            if k == 0:
+                first_images = images
+            else:  # image by image against the first model: same prompt, same starting noise
+                values = {"psnr_db": float(psnr(images, first_images).mean())}
+                for name, fn in agree_fns.items():
+                    a, b = fn.predict(images), fn.predict(first_images)
+                    values[f"{name}_agreement"] = sum(x == y for x, y in zip(a, b)) / len(a)
+                compare[k].update(values, len(batch))
+            bar.update(len(batch))
+    bar.close()
+
+    results = []
+    for k, (m, pipe, sc) in enumerate(zip(models, pipes, scores)):
+        figures: dict[str, Any] = {"params": sum(p.numel() for p in m.unet.parameters())}
+        latent = s.resolution // pipe.vae_scale_factor
+        # unet_macs counts at latents of resolution // 8: ask for the size that gives ours.
+        figures["macs"] = unet_macs(m.unet.config, latent * 8)
+        if distance is not None:
+            figures.update(distance.compute(sc.fake))
+        if sc.clip is not None:
+            figures["clip_score"] = sc.clip.compute()
+        figures.update(sc.means.compute())
+        if k > 0:
+            figures.update({f"vs_{models[0].label}/{name}": v for name, v in compare[k].compute().items()})
+        latency: dict[str, list] = {}
+        if s.latency_batch_sizes:
+            rows_unet = unet_latency(m.unet, latent, s.latency_batch_sizes, s.latency_warmup, s.latency_repeats)
+            latency["unet"] = rows_unet
+            figures["unet_latency_s"] = rows_unet[0]["per_image_s"]
+        if s.latency_batch_sizes and s.pipeline_latency:
+            rows_pipe = pipeline_latency(pipe, prompts[0], s.latency_batch_sizes, s.steps, s.guidance_scale,
+                                         s.resolution, warmup=1, repeats=max(1, s.latency_repeats // 3))
+            latency["pipeline"] = rows_pipe
+            figures["pipeline_latency_s"] = rows_pipe[0]["per_image_s"]
+        results.append({**m.identity(), "metrics": figures, "latency": latency, "grid_images": sc.grid})
+    return results
+
+
+def software() -> dict[str, str]:
+    import diffusers
+    import torchmetrics
+    import transformers
+
+    import distillery
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+           "transformers": transformers.__version__, "torchmetrics": torchmetrics.__version__,
+           "distillery": getattr(distillery, "__version__", "unknown"), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        out.update(cuda=torch.version.cuda or "", device=torch.cuda.get_device_name())
+    else:
+        out["device"] = platform.processor() or "cpu"
+    return out
+
+
+def write_results(out_dir: Path, results: list[dict], settings: EvalSettings, prompts_from: str,
+                  n_prompts: int, prompts: Sequence[str], extra: dict | None = None) -> dict[str, Path]:
+    """results.json and grid.png (one row per model, the first prompts, same seeds)."""
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    from distillery.sampling import grid
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = {r["label"]: r["grid_images"] for r in results}
+    grid_path = out_dir / "grid.png"
+    grid(rows, cell=max(128, settings.resolution // 2) if settings.resolution <= 256 else 256).save(grid_path)
+    plain = {k: (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
+             for k, v in asdict(settings).items()}
+    doc = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "software": software(),
+        "settings": {**plain, "prompts_from": prompts_from, "num_prompts": n_prompts},
+        "grid": grid_path.name,
+        "grid_prompts": list(prompts[: settings.grid_images]),
+        "models": [{k: v for k, v in r.items() if k != "grid_images"} for r in results],
+        **(extra or {}),
+    }
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(doc, indent=2, default=str))
+    return {"results": path, "grid": grid_path}
+
+
+def log_results(loggers: list, results: list[dict], grid_path: Path, prompts: Sequence[str]) -> None:
+    """The same figures to every experiment logger: scalars, the latency table and the grid."""
+    for lg in loggers:
+        flat = {}
+        for r in results:
+            for k, v in r["metrics"].items():
+                if isinstance(v, (int, float)):
+                    flat[f"eval/{r['label']}/{k}"] = float(v)
+        lg.log_metrics(flat)
+        if hasattr(lg, "log_table"):
+            columns = ["model", "part", "batch_size", "median_s", "per_image_s"]
+            data = [[r["label"], part, row["batch_size"], row["median_s"], row["per_image_s"]]
+                    for r in results for part, rows in r["latency"].items() for row in rows]
+            lg.log_table("eval/latency", columns=columns, data=data)
+        if hasattr(lg, "log_image"):
+            lg.log_image("eval/grid", [Image.open(grid_path)], caption=[" | ".join(prompts)])
+
+
+def device_and_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if dtype == "auto":
+        return dev, (torch.float16 if dev.type == "cuda" else torch.float32)
+    return dev, resolve_dtype(dtype, dev.type == "cuda")
+
+
+__all__ = ["EvalError", "EvalModel", "EvalSettings", "MetricSetupError", "data_records", "device_and_dtype",
+           "evaluate_models", "folder_images", "load_model", "log_results", "read_prompts_file", "write_results"]
+
+
+# ---------------------------------------------------------------------------------- entry point
+def settings_from_config(cfg, data, scheduler) -> EvalSettings:
+    """Settings from an evaluation section (eval.yaml's top level, or train.yaml's ``eval``):
+    num_prompts, seed, guidance_scale, resolution, batch_size, grid_images and ``metrics``."""
+    from omegaconf import OmegaConf
+
+    m = cfg.metrics
+
+    def plain(node):
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+    problems = []
+    for key in ("num_prompts", "batch_size", "grid_images"):
+        v = cfg.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key == "grid_images" else 1):
+            problems.append(f"{key}={v!r} must be a positive integer")
+    sizes = plain(m.latency.batch_sizes) or []
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):
+        problems.append(f"metrics.latency.batch_sizes={sizes!r} must be a list of positive integers")
+    if problems:
+        raise EvalError("invalid eval config:\n  - " + "\n  - ".join(problems))
+    resolution = int(cfg.resolution or data.resolution)
+    return EvalSettings(
+        num_prompts=int(cfg.num_prompts), seed=int(cfg.seed), steps=int(scheduler.num_inference_steps),
+        guidance_scale=float(cfg.guidance_scale), resolution=resolution, batch_size=int(cfg.batch_size),
+        metric_resolution=m.resolution, fid_feature=plain(m.fid.feature),
+        reference_folder=m.fid.reference_folder, num_reference=m.fid.num_reference,
+        kid_subset_size=int(m.fid.kid_subset_size), clip_model=m.clip_score.model,
+        prompt_metrics=plain(m.prompt_metrics) or {}, latency_batch_sizes=sizes,
+        latency_warmup=int(m.latency.warmup), latency_repeats=int(m.latency.repeats),
+        pipeline_latency=bool(m.latency.pipeline), grid_images=int(cfg.grid_images),
+    )
+
+
+def prompts_and_reference(prompts_file: str | None, data, s: EvalSettings, distance: FeatureDistance | None,
+                          progress: bool = True) -> tuple[list[str], str]:
+    """The prompt set, and the FID reference features fed into `distance` on the way: the
+    images of the prompt records themselves, or a folder of images. The records come from the
+    data recipe's evaluation source (``data.judge.source``, e.g. a held-out seed) or its source."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from tqdm.auto import tqdm
+
+    judge = s.judge_resolution
+    if prompts_file:
+        prompts, origin = read_prompts_file(prompts_file, s.num_prompts), f"file:{prompts_file}"
+    else:
+        spec = OmegaConf.select(data, "judge.source", default=None) or data.source
+        source = instantiate(spec)
+        prompts, origin = [], f"data:{source.describe()}"
+        bar = tqdm(total=s.num_prompts, desc="Prompts" + (" and reference images" if distance else ""),
+                   disable=not progress, leave=False)
+
+        def records():
+            for caption, image in data_records(source, judge, s.seed):
+                prompts.append(caption)
+                bar.update(1)
+                yield image
+                if len(prompts) >= s.num_prompts:
+                    return
+
+        if distance is not None and not s.reference_folder:
+            distance.update_batched(records(), real=True)
+        else:
+            for _ in records():
+                pass
+        bar.close()
+        if not prompts:
+            raise EvalError(f"the data source {source.describe()} gave no captioned image")
+    if distance is not None and s.reference_folder:
+        distance.update_batched(tqdm(folder_images(s.reference_folder, judge, s.num_reference),
+                                     desc="Reference images", disable=not progress, leave=False), real=True)
+    return prompts, origin
+
+
+def run_eval(cfg) -> dict:
+    """``python src/eval.py``: generate, measure, write results.json and grid.png, log."""
+    from distillery.tracking import close_loggers, make_loggers
+
+    s = settings_from_config(cfg, cfg.data, cfg.scheduler)
+    device, dtype = device_and_dtype(cfg.device, cfg.dtype)
+    models = [load_model(cfg.model, label=cfg.get("label") or "model", ema=bool(cfg.ema), seed=int(cfg.seed))]
+    if cfg.get("compare_with"):
+        # The reference model goes first: the evaluated model is compared image by image with it.
+        models.insert(0, load_model(cfg.compare_with, label="reference", seed=int(cfg.seed)))
+    distance = FeatureDistance(s.fid_feature, s.kid_subset_size, device) if s.fid_feature is not None else None
+    prompts, origin = prompts_and_reference(cfg.get("prompts_file"), cfg.data, s, distance)
+    if distance is not None and distance.counts[0] < 2:
+        log.warning("no reference images (a prompts file without metrics.fid.reference_folder): FID/KID skipped")
+        distance = None
+    results = evaluate_models(models, prompts, s, cfg.scheduler, distance, device, dtype)
+    out = Path(cfg.paths.output_dir)
+    files = write_results(out, results, s, origin, len(prompts), prompts)
+    loggers = make_loggers(cfg.get("logger"))
+    if loggers:
+        from omegaconf import OmegaConf
+
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        log_results(loggers, results, files["grid"], prompts[: s.grid_images])
+        close_loggers(loggers)
+    return {"run_dir": out, **files, "models": results}
