@@ -9,15 +9,12 @@ One run, two phases, one optimizer:
   scaled latents (the epsilon loss of SD), conditioned on the captions. The data recipe drops a
   share of the captions to "", the unconditional prompt of classifier-free guidance.
 
+``snr_gamma`` weighs each timestep's loss by Min-SNR (min(SNR, gamma) / SNR for epsilon).
 SD's noise schedule leaves a trace of the image in the most noisy latents, and on 16x16 latents
-its coarsest part (the mean colour, which quadrant is brighter) stays readable there: the U-Net
-learns to take background and layout from that trace, which the pure noise sampling starts from
-does not have, instead of from the prompt. ``noise_offset`` adds noise that is constant over
-each cell of 1x1, 2x2 and 4x4 grids (offset noise, at three scales) to hide it in training.
-And the plain epsilon loss weighs the error of the implied clean latents by the SNR, next to
-nothing at the high noise levels where only the prompt can say where the shape goes: with
-``snr_gamma`` that weight becomes min(SNR, gamma) + 1, v-prediction's SNR + 1 with Min-SNR's cap
-on the easy low-noise steps (the U-Net still predicts epsilon).
+their mean colour stays readable there: the U-Net learns to take the background colour from
+that trace, which the pure noise sampling starts from does not have, rather than from the
+prompt. ``noise_offset`` (offset noise) adds noise that is constant over each cell of k x k grids
+(k in ``noise_offset_grids``; 1: the whole image) to hide such traces in training.
 
 A part that does not train in a phase gets no gradient, and torch's AdamW skips parameters whose
 ``.grad`` is None (no update, no weight decay), so one optimizer with one parameter group per
@@ -151,7 +148,7 @@ class TrainFromScratch(L.LightningModule):
             from diffusers.training_utils import compute_snr
 
             snr = compute_snr(sched, timesteps)
-            err = err * (snr.clamp(max=self.snr_gamma) + 1) / snr
+            err = err * snr.clamp(max=self.snr_gamma) / snr
         return {"loss": err.mean(), "diffusion": err.mean()}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
