@@ -63,10 +63,11 @@ def test_the_classifier_finds_the_teacher_follows_its_prompts(tmp_path):
                                 cfg.scheduler, None, "cpu", torch.float32, progress=False)
     m = result["metrics"]
     # Chance: 1/4 shape, 1/6 colour, 1/2 size, 1/5 position, 1/7 background, 1/1680 for all five.
-    # The shipped teacher follows colour, background, size and shape; it has not learnt position.
-    assert m["fidelity/colour"] >= 0.5 and m["fidelity/background"] >= 0.4, m
-    assert m["fidelity/shape"] >= 0.35 and m["fidelity/size"] >= 0.7, m
-    assert m["prompt_fidelity"] >= 0.02, m  # 30x chance
+    # The shipped teacher follows colour, background, size and shape (0.91, 1.0, 1.0 and 0.84 on
+    # these prompts); it has not learnt position, so all five hold on about 1 image in 5 at best.
+    assert m["fidelity/colour"] >= 0.75 and m["fidelity/background"] >= 0.85, m
+    assert m["fidelity/shape"] >= 0.65 and m["fidelity/size"] >= 0.85, m
+    assert m["prompt_fidelity"] >= 0.06, m  # 100x chance
 
 
 def test_a_short_distillation_brings_the_student_closer_to_the_teacher(tmp_path):

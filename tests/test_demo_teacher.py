@@ -69,15 +69,36 @@ def test_vae_trains_first_then_freezes_with_a_measured_scaling_factor(tmp_path):
     assert model.vae.config.scaling_factor == pytest.approx(float(model.latent_scale))
 
 
+@pytest.mark.parametrize("text_encoder_lr", [None, 0.0])
+def test_text_encoder_learns_at_its_own_rate(tmp_path, text_encoder_lr):
+    from distillery.methods.from_scratch import build
+
+    overrides = [*QUICK, f"method.text_encoder_lr={'null' if text_encoder_lr is None else text_encoder_lr}"]
+    parts = build(compose_train(overrides, tmp_path))
+    model = parts["model"]
+    before_text, before_unet = _flat(model.text_encoder), _flat(model.unet)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, use_distributed_sampler=False)
+    trainer.fit(model, datamodule=parts["datamodule"])
+    assert not torch.equal(before_unet, _flat(model.unet))
+    # null: the U-Net's rate and schedule; 0: the text encoder stays as initialised.
+    assert torch.equal(before_text, _flat(model.text_encoder)) == (text_encoder_lr == 0.0)
+    groups = trainer.optimizers[0].param_groups
+    assert [len(g["params"]) for g in groups] == [len(list(m.parameters())) for m in
+                                                  (model.vae, model.unet, model.text_encoder)]
+    assert groups[2]["lr"] == (groups[1]["lr"] if text_encoder_lr is None else 0.0)
+
+
 def test_config_checks(tmp_path):
     cfg = compose_train(QUICK, tmp_path)
     assert "arch" not in cfg and "loss" not in cfg  # nothing is distilled
     validate(cfg)
-    bad = compose_train([*QUICK, "method.vae_steps=4", "method.kl_weight=-1", "data.resolution=24"], tmp_path)
+    bad = compose_train([*QUICK, "method.vae_steps=4", "method.kl_weight=-1", "data.resolution=24",
+                         "method.text_encoder_lr=-1e-5"], tmp_path)
     with pytest.raises(ConfigError) as err:
         validate(bad)
     for text in ("method.vae_steps=4 must be < trainer.max_steps=4", "method.kl_weight=-1",
-                 "data.resolution=24 must be a multiple of 16"):
+                 "data.resolution=24 must be a multiple of 16", "method.text_encoder_lr=-1e-05 must be a number >= 0"):
         assert text in str(err.value)
 
 

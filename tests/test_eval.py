@@ -249,6 +249,33 @@ def test_results_notebook_runs_on_results_of_the_test_suite(tiny_sd_folder, tmp_
     assert plot.is_file() and plot.stat().st_size > 1000
 
 
+def test_collect_summarises_runs_by_loss_with_mean_and_spread(tmp_path, capsys):
+    from distillery.eval import collect
+
+    def write(run: str, psnr: float, loss: dict) -> None:
+        doc = {"models": [
+            {"label": "teacher", "role": "teacher", "source": "shapes-teacher", "metrics": {"prompt_fidelity": 0.5}},
+            {"label": "student", "role": "student", "source": run, "loss": loss,
+             "metrics": {"prompt_fidelity": psnr / 100, "vs_teacher/psnr_db": psnr}}]}
+        (tmp_path / run / "eval").mkdir(parents=True)
+        (tmp_path / run / "eval" / "results.json").write_text(json.dumps(doc))
+
+    for i, psnr in enumerate((10.0, 20.0, 30.0)):
+        write(f"kd{i}", psnr, {"task": 1.0, "output": 1.0, "feature": 1.0})
+    write("task0", 5.0, {"task": 1.0, "output": 0.0, "feature": 0.0})
+    collect.main([str(tmp_path), "--figures", "prompt_fidelity,vs_teacher/psnr_db"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| loss | runs | prompt_fidelity | vs_teacher/psnr_db |"
+    # The teacher, evaluated in every run, is one row; the three seeds of a loss are one row.
+    assert lines[2] == "| teacher | 1 | 0.500 | - |"
+    assert "| task + output KD + feature KD | 3 | 0.200 ± 0.100 | 20.000 ± 10.000 |" in lines
+    assert "| task | 1 | 0.050 | 5.000 |" in lines
+    with pytest.raises(SystemExit, match="no run has fidelity/position; the runs have prompt_fidelity"):
+        collect.main([str(tmp_path), "--figures", "fidelity/position"])
+    with pytest.raises(SystemExit, match="no results.json under"):
+        collect.main([str(tmp_path / "kd0" / "nothing")])
+
+
 def test_eval_of_an_sdxl_pipeline(tiny_sdxl_folder, tmp_path):
     from distillery.eval.runner import run_eval
 

@@ -20,14 +20,18 @@ log = logging.getLogger(__name__)
 
 class StepProgressBar(TQDMProgressBar):
     """Counts optimizer steps out of ``trainer.max_steps``: the training stream is endless,
-    so Lightning's per-epoch bar would have no total."""
+    so Lightning's per-epoch bar would have no total. ``description`` names the work on the bar."""
+
+    def __init__(self, description: str = "Distilling", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.description = description
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps)
         bar.initial = trainer.global_step  # a resumed run starts where it stopped
         bar.n = trainer.global_step
-        bar.set_description("Distilling")
+        bar.set_description(self.description)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         bar = self.train_progress_bar

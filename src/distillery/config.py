@@ -162,6 +162,10 @@ def _check_from_scratch(cfg: DictConfig, problems: list[str]) -> None:
         problems.append(f"method.vae_lr={lr!r} must be a number > 0")
     if not (isinstance(kl, (int, float)) and kl >= 0):
         problems.append(f"method.kl_weight={kl!r} must be a number >= 0")
+    te_lr = OmegaConf.select(cfg, "method.text_encoder_lr")
+    if te_lr is not None and not (isinstance(te_lr, (int, float)) and not isinstance(te_lr, bool) and te_lr >= 0):
+        problems.append(f"method.text_encoder_lr={te_lr!r} must be a number >= 0 (0: a frozen text encoder), "
+                        "or null for the U-Net's learning rate")
     gamma = OmegaConf.select(cfg, "method.snr_gamma")
     if gamma is not None and not (isinstance(gamma, (int, float)) and gamma > 0):
         problems.append(f"method.snr_gamma={gamma!r} must be > 0, or null for the plain epsilon loss")

@@ -56,8 +56,10 @@ def loss_name(weights: dict | None) -> str:
     return " + ".join(parts)
 
 
-def summary_table(rows: list[dict], by: str = "loss", figures: tuple[str, ...] = (
-        "fid", "prompt_fidelity", "vs_teacher/psnr_db", "vs_teacher/attributes_agreement")) -> str:
+SUMMARY_FIGURES = ("fid", "prompt_fidelity", "vs_teacher/psnr_db", "vs_teacher/attributes_agreement")
+
+
+def summary_table(rows: list[dict], by: str = "loss", figures: tuple[str, ...] = SUMMARY_FIGURES) -> str:
     """A markdown table: one line per value of `by` (students only, plus the teacher), each
     figure as mean ± standard deviation over the runs that share it (e.g. seeds)."""
     import statistics
@@ -89,11 +91,19 @@ def main(argv: list[str] | None = None) -> None:
                                                  "(mean ± std over runs that share a value of --by).")
     parser.add_argument("folders", nargs="+")
     parser.add_argument("--by", default="loss", help="group students by this column (loss, arch, label)")
+    parser.add_argument("--figures", default=",".join(SUMMARY_FIGURES),
+                        help="comma-separated figures of results.json to show (default: %(default)s); "
+                             "e.g. fidelity/position for one attribute of the shapes world")
     args = parser.parse_args(argv)
     rows = load_rows(args.folders)
     if not rows:
         raise SystemExit(f"no results.json under {args.folders}")
-    print(summary_table(rows, by=args.by))
+    figures = tuple(f.strip() for f in args.figures.split(",") if f.strip())
+    known = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})
+    unknown = [f for f in figures if f not in known]
+    if unknown:
+        raise SystemExit(f"--figures: no run has {', '.join(unknown)}; the runs have {', '.join(known)}")
+    print(summary_table(rows, by=args.by, figures=figures))
 
 
 def to_frame(rows: list[dict]):

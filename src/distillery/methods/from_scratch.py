@@ -17,8 +17,11 @@ prompt. ``noise_offset`` (offset noise) adds noise that is constant over each ce
 (k in ``noise_offset_grids``; 1: the whole image) to hide such traces in training.
 
 A part that does not train in a phase gets no gradient, and torch's AdamW skips parameters whose
-``.grad`` is None (no update, no weight decay), so one optimizer with one parameter group per
-phase and a per-group LR schedule is all the phases need. ``build`` and ``finish`` are what
+``.grad`` is None (no update, no weight decay), so one optimizer with a parameter group per
+part and a per-group LR schedule is all the phases need. The text encoder has a group of its
+own so that it can learn slower than the U-Net (``text_encoder_lr``; a from-scratch text encoder
+at the U-Net's rate let its end-of-text and padding outputs, which the U-Net attends to, drift
+to carry little more than the background colour). ``build`` and ``finish`` are what
 ``distillery.training.train`` runs for this method in place of the distillation ones.
 """
 
@@ -81,8 +84,8 @@ def _phase_schedule(name: str, warmup: int, steps: int):
 class TrainFromScratch(L.LightningModule):
     def __init__(self, components: dict, optimizer: Any, lr_scheduler: dict | None = None, vae_steps: int = 500,
                  vae_lr: float = 1e-3, kl_weight: float = 1e-3, snr_gamma: float | None = None,
-                 noise_offset: float = 0.0, noise_offset_grids: tuple[int, ...] = (1, 2, 4), seed: int = 0,
-                 export_info: dict | None = None) -> None:
+                 noise_offset: float = 0.0, noise_offset_grids: tuple[int, ...] = (1, 2, 4),
+                 text_encoder_lr: float | None = None, seed: int = 0, export_info: dict | None = None) -> None:
         super().__init__()
         self.vae, self.text_encoder, self.unet = components["vae"], components["text_encoder"], components["unet"]
         self.tokenizer = components["tokenizer"]
@@ -91,6 +94,7 @@ class TrainFromScratch(L.LightningModule):
         self.lr_scheduler_cfg = dict(lr_scheduler or {})
         self.vae_steps, self.vae_lr, self.kl_weight = int(vae_steps), float(vae_lr), float(kl_weight)
         self.snr_gamma, self.noise_offset, self.noise_offset_grids = snr_gamma, float(noise_offset), noise_offset_grids
+        self.text_encoder_lr = None if text_encoder_lr is None else float(text_encoder_lr)
         self.seed = int(seed)
         self.export_info = dict(export_info or {})
         # 1 / std of the latents, 0 until measured; a buffer, so checkpoints keep it for a resume.
@@ -165,16 +169,18 @@ class TrainFromScratch(L.LightningModule):
         return terms["loss"]
 
     def configure_optimizers(self):
-        denoiser = [*self.unet.parameters(), *self.text_encoder.parameters()]
+        text_group = {"params": list(self.text_encoder.parameters())}
+        if self.text_encoder_lr is not None:
+            text_group["lr"] = self.text_encoder_lr
         optimizer = self.optimizer_factory([{"params": list(self.vae.parameters()), "lr": self.vae_lr},
-                                            {"params": denoiser}])
+                                            {"params": list(self.unet.parameters())}, text_group])
         cfg, v = self.lr_scheduler_cfg, self.vae_steps
         warmup = int(cfg.get("warmup_steps", 0))
         vae_lr = _phase_schedule("constant_with_warmup", warmup, v)
         unet_lr = _phase_schedule(cfg.get("name", "constant"), warmup, int(self.trainer.max_steps) - v)
         # Each group follows its own schedule during its phase and stands still outside it.
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, [lambda s: vae_lr(s) if s < v else 0.0, lambda s: unet_lr(s - v) if s >= v else 0.0])
+        phase2 = lambda s: unet_lr(s - v) if s >= v else 0.0  # noqa: E731  (U-Net and text encoder)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s: vae_lr(s) if s < v else 0.0, phase2, phase2])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- the result --------------------------------------------------------------------------
@@ -200,7 +206,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         lr_scheduler=OmegaConf.to_container(cfg.optim.lr_scheduler, resolve=True), vae_steps=m.vae_steps,
         vae_lr=m.vae_lr, kl_weight=m.kl_weight, snr_gamma=m.get("snr_gamma"),
         noise_offset=m.get("noise_offset", 0.0), noise_offset_grids=tuple(m.get("noise_offset_grids", (1, 2, 4))),
-        seed=cfg.seed,
+        text_encoder_lr=m.get("text_encoder_lr"), seed=cfg.seed,
         export_info={"method": "from_scratch", "components": sizes, "resolution": int(cfg.data.resolution)})
     for name in ("vae", "text_encoder", "unet"):
         log.info("%s: %s parameters", name, f"{sum(p.numel() for p in components[name].parameters()):,}")
