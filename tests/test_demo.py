@@ -104,3 +104,4 @@ def test_the_ablation_is_one_multirun_of_three_losses_and_three_seeds():
     params = cfg.hydra.sweeper.params
     assert params.loss.split(",") == ["task_only", "task_output", "bk_sdm"] and params.seed.split(",") == ["0", "1", "2"]
     assert cfg.arch.name == "demo" and cfg.eval.at_end is True and cfg.eval.seed == 1234
+    assert cfg.trainer.max_steps == 500  # the steps of the README's table
