@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import FAST, compose_train, wandb_logged, wandb_offline_records
 
@@ -68,6 +69,37 @@ def test_logger_none_still_writes_samples_and_no_tracker_folder(tiny_sd_folder, 
     assert result["global_step"] == 2
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000001.png", "step_0000002.png"]
     assert not (run / "wandb").exists() and not (run / "csv").exists()
+
+
+def test_the_teacher_row_of_the_samples_is_drawn_once(tiny_sd_folder, tmp_path):
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from distillery.callbacks import TeacherStudentSamples
+    from distillery.training import build
+
+    cfg = compose_train([*FAST, "arch=bk_small", f"arch.teacher={tiny_sd_folder}", "scheduler.num_inference_steps=2"],
+                        tmp_path)
+    parts = build(cfg)
+    teacher, student = parts["teacher"], parts["student"].eval()
+    calls = {"teacher": 0, "student": 0}
+    teacher.unet.register_forward_hook(lambda *_: calls.__setitem__("teacher", calls["teacher"] + 1))
+    student.register_forward_hook(lambda *_: calls.__setitem__("student", calls["student"] + 1))
+    samples = TeacherStudentSamples(cfg, tmp_path)
+    trainer = SimpleNamespace(loggers=[])
+    first = samples.draw(trainer, teacher, student, 1)
+    drawn = dict(calls)
+    assert drawn["teacher"] > 0 and drawn["student"] == drawn["teacher"]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the student moves on; the teacher does not
+    second = samples.draw(trainer, teacher, student, 2)
+    assert calls["teacher"] == drawn["teacher"] and calls["student"] == 2 * drawn["student"]
+    a, b = (np.asarray(Image.open(p)) for p in (first, second))
+    half = a.shape[0] // 2
+    assert np.array_equal(a[:half], b[:half]) and not np.array_equal(a[half:], b[half:])
 
 
 def test_end_of_run_evaluation_compares_teacher_and_student(tiny_sd_folder, tmp_path):

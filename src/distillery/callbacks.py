@@ -94,7 +94,8 @@ def wandb_run_id(ckpt_path: str | Path | None) -> str | None:
 
 class TeacherStudentSamples(Callback):
     """Every ``every_n_steps``: the teacher and the student draw the same prompts from the same
-    noise, side by side (a PNG under ``<run>/samples/`` and an image in the loggers). Every
+    noise, side by side (a PNG under ``<run>/samples/`` and an image in the loggers; the frozen
+    teacher's row is drawn once). Every
     ``metrics_every_n_steps``: quick metrics (FID/KID, CLIP score, prompt metrics, agreement
     with the teacher) on a small prompt subset of the data, logged as ``quick/...``."""
 
@@ -107,6 +108,8 @@ class TeacherStudentSamples(Callback):
         self._distance = None
         self._prompts: list[str] | None = None
         self._warned = False
+        # The frozen teacher's row of the grid, drawn once: (what it depends on, images).
+        self._teacher_row: tuple[tuple, list] | None = None
 
     def _parts(self, pl_module):
         teacher = getattr(pl_module, "teacher", None)
@@ -158,9 +161,15 @@ class TeacherStudentSamples(Callback):
         sampler, steps = build_sampler(self.cfg.scheduler, teacher.sampling_scheduler)
         res = ev.get("resolution") or self.cfg.data.resolution
         prompts = list(ev.prompts)
-        rows = {label: generate(make_pipeline(teacher, unet, sampler), prompts, ev.seed, steps, ev.guidance_scale, res)
-                for label, unet in (("teacher", teacher.unet), ("student", student))}
-        image = grid(rows)
+
+        def draw_row(unet):
+            return generate(make_pipeline(teacher, unet, sampler), prompts, ev.seed, steps, ev.guidance_scale, res)
+
+        # The teacher never trains: its row is drawn at the first grid and reused after.
+        key = (id(teacher.unet), tuple(prompts), ev.seed, steps, ev.guidance_scale, res, type(sampler).__name__)
+        if self._teacher_row is None or self._teacher_row[0] != key:
+            self._teacher_row = (key, draw_row(teacher.unet))
+        image = grid({"teacher": self._teacher_row[1], "student": draw_row(student)})
         path = self.out_dir / "samples" / f"step_{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
