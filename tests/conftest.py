@@ -27,6 +27,19 @@ os.environ.update({
 })
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: on a 2-core box shared with other jobs, two
+    OpenMP threads spin in barriers and a forward of a tiny U-Net or classifier takes ~2 s instead
+    of ~10 ms."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_folder(tmp_path_factory) -> Path:
     """A complete tiny SD pipeline saved with save_pretrained (epsilon prediction)."""

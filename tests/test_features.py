@@ -234,17 +234,7 @@ def test_unknown_module_suggests_close_names(sd14_teacher, bk_small_student):
 
 
 @pytest.fixture(scope="module")
-def _one_thread():
-    # Two OpenMP threads on a 2-core box shared with other jobs spin in barriers: a forward of
-    # this 8x8 U-Net then takes ~2 s instead of ~10 ms. One thread keeps the taps tests fast.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def small_unet(_one_thread):
+def small_unet(one_thread):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=8,

@@ -20,19 +20,13 @@ from distillery.eval.shapes import (
     train_shapes_classifier,
 )
 
+# The classifier is tiny: one thread is as fast, and much faster on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _sample(seed: int, n: int) -> list[dict[str, str]]:
     rng = np.random.default_rng(seed)
     return [shapes.sample_attributes(rng) for _ in range(n)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The classifier is tiny: one thread is as fast, and much faster on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
