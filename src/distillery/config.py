@@ -221,6 +221,9 @@ def validate(cfg: DictConfig) -> None:
     ema = OmegaConf.select(cfg, "method.ema_decay")
     if ema is not None and not (isinstance(ema, (int, float)) and 0 < ema < 1):
         problems.append(f"method.ema_decay={ema!r} must be in (0, 1), or null for no EMA")
+    warmup = OmegaConf.select(cfg, "method.ema_warmup", default=True)
+    if not isinstance(warmup, bool):
+        problems.append(f"method.ema_warmup={warmup!r} must be true (diffusers' EMAModel warm-up) or false (constant decay)")
     precision = OmegaConf.select(cfg, "trainer.precision")
     valid_precision = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
     if str(precision) not in valid_precision:
