@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from distillery.ema import make_ema
 from distillery.losses import KDLoss
 from distillery.models.features import FeaturePair, FeatureTaps
 from distillery.models.teacher import Teacher, place
@@ -48,6 +48,7 @@ class ArchKD(L.LightningModule):
         optimizer: Any,  # a partial of a torch optimizer, completed with the student's params
         lr_scheduler: dict | None = None,  # {name, warmup_steps} for diffusers' get_scheduler
         ema_decay: float | None = None,
+        ema_warmup: bool = True,
         gradient_checkpointing: bool = False,
         seed: int = 0,
         frozen_dtype: torch.dtype = torch.float32,
@@ -60,8 +61,7 @@ class ArchKD(L.LightningModule):
         # The EMA is taken before any hook is registered, so it does not copy the taps.
         self.ema = None
         if ema_decay:
-            self.ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-            self.ema.requires_grad_(False)
+            self.ema = make_ema(student, ema_decay, warmup=ema_warmup)
         if gradient_checkpointing:
             student.enable_gradient_checkpointing()
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see module docstring
