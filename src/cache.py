@@ -1,6 +1,7 @@
 """Encode a data recipe once into a latent and text-embedding cache folder.
 
-    python src/cache.py data=shapes arch=demo out=caches/shapes [cache.shard_size=1024] [cache.dtype=fp16]
+    python src/cache.py data=shapes arch=demo out=data/cache_shapes [cache.shard_size=1024] [cache.dtype=fp16]
+    python src/train.py data.cache=data/cache_shapes
 
 Rerunning the same command after an interruption completes the folder without re-encoding the
 finished shards; other settings in the same folder are refused, naming what differs.

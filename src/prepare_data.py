@@ -25,8 +25,8 @@ USAGE = "python src/prepare_data.py data=<recipe> out=<folder> [prepare.max_samp
 def _plain(data: DictConfig) -> dict:
     """The parts of a recipe this step reads, resolved; `source` is left alone (it may name
     ${paths.data_dir}, which only training needs)."""
-    keys = ("fetch", "filters", "min_size", "resolution")
-    return {k: OmegaConf.to_container(data[k], resolve=True) if isinstance(data.get(k), DictConfig) else data.get(k)
+    keys = ("fetch", "filters", "allow_missing_columns", "min_size", "resolution")
+    return {k: OmegaConf.to_container(data[k], resolve=True) if OmegaConf.is_config(data.get(k)) else data.get(k)
             for k in keys if k in data}
 
 

@@ -24,6 +24,7 @@ os.environ.update({
     "WANDB_DIR": str(_HOME / "wandb"),
     "WANDB_CACHE_DIR": str(_HOME / "wandb-cache"),
     "DISTILLERY_ROOT": str(ROOT),
+    "DISTILLERY_CACHE": str(_HOME / "cache"),  # the teacher's evaluation images, not in the checkout
 })
 
 

@@ -36,14 +36,14 @@ def test_apply_filters_keeps_rows_within_bounds_and_reports_each_step():
         "HEIGHT": [768, 768, 768, 768, 768, 300, 768, 768],
     })
     filters = {"AESTHETIC_SCORE": {"min": 6.5}, "pwatermark": {"max": 0.5}, "absent": {"min": 1}}
-    kept, report = apply_filters(table, filters, "TEXT", min_size=512)
+    kept, report = apply_filters(table, filters, "TEXT", min_size=512, allow_missing=["absent"])
     assert kept["TEXT"].tolist() == ["a cat"]
     steps = dict(report)
     assert report[0] == ("input", 8)
     assert steps["TEXT not empty"] == 5            # "", "  " and None dropped
     assert steps["AESTHETIC_SCORE >= 6.5"] == 3    # 6.0 and the unknown score dropped; 6.5 kept
     assert steps["pwatermark <= 0.5"] == 2         # the cow
-    assert steps["absent: column not in the table, NOT applied"] == 2
+    assert steps["absent: column not in the table, NOT applied (allow_missing_columns)"] == 2
     assert steps["min(WIDTH, HEIGHT) >= 512"] == 1  # the fish, 300 px high
 
 

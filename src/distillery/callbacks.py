@@ -1,10 +1,13 @@
 """Callbacks for step-counted distillation runs: the progress bar, teacher-vs-student samples
-and quick metrics during training, throughput and memory, and the W&B run id kept for resumes."""
+and quick metrics during training, throughput and memory, the W&B run id kept for resumes, and
+the two ways a run stops early (a scheduler's signal, a non-finite loss)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,12 +29,24 @@ class StepProgressBar(TQDMProgressBar):
         super().__init__(**kwargs)
         self.description = description
 
-    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+    @property
+    def train_description(self) -> str:  # the label Lightning gives the bar when it creates it
+        return self.description
+
+    def _count_steps(self, trainer: L.Trainer) -> None:
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps)
         bar.initial = trainer.global_step  # a resumed run starts where it stopped
         bar.n = trainer.global_step
         bar.set_description(self.description)
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_start(trainer, *args)
+        # A run resumed in the middle of an epoch gets no on_train_epoch_start from Lightning.
+        self._count_steps(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        self._count_steps(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         bar = self.train_progress_bar
@@ -86,9 +101,11 @@ class TrackerRunId(Callback):
 
 def wandb_run_id(ckpt_path: str | Path | None) -> str | None:
     """The W&B run id a checkpoint was written under (None when there is none)."""
+    from distillery.checkpoints import load_safely
+
     if not ckpt_path or not Path(ckpt_path).is_file():
         return None
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = load_safely(ckpt_path, mmap=True)
     return (ckpt.get("tracking") or {}).get("wandb_run_id")
 
 
@@ -97,7 +114,8 @@ class TeacherStudentSamples(Callback):
     noise, side by side (a PNG under ``<run>/samples/`` and an image in the loggers; the frozen
     teacher's row is drawn once). Every
     ``metrics_every_n_steps``: quick metrics (FID/KID, CLIP score, prompt metrics, agreement
-    with the teacher) on a small prompt subset of the data, logged as ``quick/...``."""
+    with the teacher) on a small prompt subset of the data, logged as ``quick/...``; the
+    teacher's images of those come from ``eval.teacher_cache`` after the first time."""
 
     def __init__(self, cfg, out_dir: str | Path) -> None:
         self.cfg = cfg  # the full training config: eval, data and scheduler sections
@@ -197,3 +215,138 @@ class TeacherStudentSamples(Callback):
         for lg in trainer.loggers:
             lg.log_metrics(flat, step=trainer.global_step)
         return flat
+
+
+def _keep_checkpoints(trainer: L.Trainer) -> None:
+    """``ModelCheckpoint(save_on_exception=True)`` saves whatever state it finds when an
+    exception ends fit. The two stops below leave the checkpoints as they are: the state is
+    either saved already (a signal) or must not be (a non-finite loss)."""
+    for cb in trainer.checkpoint_callbacks:
+        if hasattr(cb, "save_on_exception"):
+            cb.save_on_exception = False
+
+
+class RunInterrupted(SystemExit):
+    """The run stopped on a signal, its last optimizer step saved; the exit status is 128 + the
+    signal's number, the status a shell reports for a process that signal ended."""
+
+
+class StopOnSignal(Callback):
+    """SIGTERM or SIGUSR1 (a scheduler's preemption or time-limit notice): the optimizer step
+    under way completes (the rest of its accumulation window), ``<dirpath>/last.ckpt`` is saved
+    at that step boundary, and the run exits with status 128 + the signal's number, so that a
+    scheduler sees an interrupted run, not a finished one, and can requeue it
+    (``ckpt_path=last`` resumes it exactly).
+
+    Lightning's own SIGTERM handler stops after the next micro-batch, possibly inside an
+    accumulation window, and exits with status 0; without a SLURM environment SIGUSR1 kills the
+    process. This callback takes both signals over once training starts (Lightning restores the
+    previous handlers at teardown). Under DDP a signal any rank received stops every rank at the
+    same step."""
+
+    def __init__(self, dirpath: str | Path, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")) -> None:
+        self.dirpath = Path(dirpath)
+        # SIGUSR1 does not exist on Windows.
+        self.signals = [getattr(signal, name) for name in signals if hasattr(signal, name)]
+        self.received: int | None = None
+        self._saved_at: int | None = None  # the step whose checkpoint was saved for the stop
+        self._step_at_batch_start = 0
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Here, after Lightning's signal connector has installed its handlers, so that ours win.
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python only lets the main thread set signal handlers
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._note)
+
+    def _note(self, signum: int, frame) -> None:
+        # A signal handler runs between two bytecodes of the training loop: it only takes note.
+        if self.received is None:
+            self.received = signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._saved_at is not None:
+            self._stop(trainer)
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step_at_batch_start:
+            return  # inside an accumulation window: the optimizer has not stepped
+        # After the optimizer step, the EMA update and the LR scheduler step of this step, as a
+        # periodic checkpoint; the data stream positions count this window's batches.
+        signum = self.received or 0
+        if trainer.world_size > 1:
+            signum = int(trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max"))
+        if signum:
+            self.received = signum
+            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+            self._saved_at = trainer.global_step
+            # Exits at the next batch start (or the end of training): this step's metrics are
+            # logged first.
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+        if self._saved_at is not None:
+            self._stop(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._previous = {}
+
+    def _stop(self, trainer: L.Trainer) -> None:
+        status = 128 + int(self.received)
+        if trainer.is_global_zero:
+            log.warning("received %s at step %d: saved %s, exiting with status %d so the scheduler can requeue",
+                        signal.Signals(self.received).name, self._saved_at, self.dirpath / "last.ckpt", status)
+        _keep_checkpoints(trainer)
+        raise RunInterrupted(status)
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stops the run at the first NaN or infinite loss, before its backward pass: the weights,
+    the optimizer state and every checkpoint on disk stay as the last finite step left them, and
+    the error names the step and the loss terms that went non-finite.
+
+    The check reads the loss on the host once per micro-batch (one device synchronisation)."""
+
+    def __init__(self) -> None:
+        self._last_saved: int | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._last_saved = trainer.global_step
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        here = bool(torch.isfinite(loss.detach()).all())
+        finite = here
+        if trainer.world_size > 1:  # a NaN on one rank would reach every rank's weights through DDP
+            finite = trainer.strategy.reduce_boolean_decision(here, all=True)
+        if finite:
+            return
+        from distillery.losses import NonFiniteLossError
+
+        if here:
+            bad = ["the loss of another rank"]
+        else:  # the terms this micro-batch logged (train/<term>), as the method computed them
+            bad = [f"{k}={float(v)}" for k, v in trainer.callback_metrics.items()
+                   if k.startswith("train/") and v.numel() == 1 and not torch.isfinite(v).all()]
+            bad = bad or [f"loss={float(loss)}"]
+        ckpt = trainer.checkpoint_callback
+        kept = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
+        if kept:
+            kept = f"the last checkpoint, {kept}" + (f" (step {self._last_saved})" if self._last_saved is not None
+                                                      else "") + ", is left as it was"
+        else:
+            kept = "no checkpoint had been written"
+        _keep_checkpoints(trainer)
+        raise NonFiniteLossError(
+            f"the training loss is not finite at step {trainer.global_step}: {', '.join(bad)}. The run stopped "
+            f"before this gradient reached the weights; {kept}. NaN or infinite values in the data (a corrupt "
+            "latent cache, broken images), a learning rate too high for this student or an fp16 overflow cause "
+            "this: check the data, lower optim.optimizer.lr or train in trainer.precision=bf16-mixed or 32-true, "
+            "then resume with ckpt_path=last.")

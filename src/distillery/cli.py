@@ -6,18 +6,20 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from distillery.checkpoints import CheckpointError
 from distillery.config import ConfigError
 from distillery.data.cache import CacheMismatchError
 from distillery.data.sources import DataSourceError
 from distillery.eval.metrics import MetricSetupError
 from distillery.eval.runner import EvalError
 from distillery.export import ExportError
+from distillery.losses import NonFiniteLossError
 from distillery.models.features import FeaturePairError
 from distillery.models.students import StudentRuleError
 from distillery.models.teacher import TeacherLoadError
 
 USER_ERRORS = (ConfigError, StudentRuleError, TeacherLoadError, FeaturePairError, ExportError, DataSourceError,
-               CacheMismatchError, EvalError, MetricSetupError)
+               CacheMismatchError, EvalError, MetricSetupError, NonFiniteLossError, CheckpointError)
 
 
 def tidy_logging() -> None:

@@ -209,9 +209,15 @@ def validate(cfg: DictConfig) -> None:
                         "build one with: python src/cache.py data=<recipe> arch=<arch> out=<folder>")
     if OmegaConf.select(cfg, "data.source", default=None) is None:
         problems.append("data.source is not set: a data recipe names its source (data=shapes, laion_art, ...)")
-    res = OmegaConf.select(cfg, "data.resolution")
-    if isinstance(res, int) and res % 8:
-        problems.append(f"data.resolution={res} must be a multiple of 8 (the VAE downsamples by 8 in SD)")
+    # data.resolution against the teacher's VAE, which may downsample by other than SD's 8: read
+    # from a local folder's vae/config.json here; otherwise checked once loaded (training.latent_size).
+    teacher, res = OmegaConf.select(cfg, "arch.teacher"), OmegaConf.select(cfg, "data.resolution")
+    if OmegaConf.select(cfg, "method.runner") is None and isinstance(teacher, str) and isinstance(res, int):
+        from distillery.models.teacher import local_vae_factor, resolution_problem
+
+        factor = local_vae_factor(teacher)
+        if factor and (problem := resolution_problem(res, factor, teacher)):
+            problems.append(problem)
     lr = OmegaConf.select(cfg, "optim.optimizer.lr")
     if not isinstance(lr, (int, float)) or not lr > 0:
         problems.append(f"optim.optimizer.lr={lr!r} must be a number > 0")

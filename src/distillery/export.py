@@ -13,39 +13,59 @@ from typing import Any
 
 import torch
 
+from distillery.checkpoints import CheckpointError, read_checkpoint
 from distillery.models.teacher import Teacher, load_teacher, place
+from distillery.models.tokenizer import complete_pipeline_tokenizers
 from distillery.sampling import make_pipeline
 
 
-class ExportError(RuntimeError):
+class ExportError(CheckpointError):
     pass
 
 
 def load_checkpoint(ckpt_path: str | Path) -> dict:
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ExportError(f"checkpoint {str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if "distillery" not in ckpt or "state_dict" not in ckpt:
-        raise ExportError(f"{str(path)!r} is not a distillery training checkpoint (no student description in it)")
-    return ckpt
+    """A distillery training checkpoint, read without unpickling code (see distillery.checkpoints)."""
+    try:
+        return read_checkpoint(ckpt_path)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
 
 
-def student_from_checkpoint(ckpt: dict, ema: bool = False):
-    """Rebuild the student U-Net (or its EMA) from a training checkpoint."""
+def student_from_checkpoint(ckpt: dict, ema: bool = False, source: str | Path = "the checkpoint"):
+    """Rebuild the student U-Net (or its EMA) from a training checkpoint (``source``: its file,
+    named in errors)."""
     from diffusers import UNet2DConditionModel
 
     prefix = "ema.module." if ema else "student."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not state:
         what = "EMA of the student (train with method.ema_decay=0.9999 to keep one)" if ema else "student weights"
-        raise ExportError(f"the checkpoint holds no {what}")
-    unet = UNet2DConditionModel.from_config(ckpt["distillery"]["student_config"])
+        raise ExportError(f"{str(source)!r} holds no {what}")
+    info = ckpt["distillery"]
+    if "student_config" not in info:
+        raise ExportError(f"{str(source)!r} is a checkpoint of a {info.get('method', 'non-distillation')} run, "
+                          "which has no student U-Net to export")
+    try:
+        unet = UNet2DConditionModel.from_config(info["student_config"])
+    except Exception as err:
+        raise ExportError(f"the student description in {str(source)!r} does not build a U-Net: {err}") from None
+    expected = unet.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or reshaped:
+        shown = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+                 f"{len(reshaped)} of another shape (e.g. {reshaped[0]})" if reshaped else ""]
+        raise ExportError(f"the weights in {str(source)!r} do not fit the student it describes "
+                          f"(arch={info.get('arch')}): " + ", ".join(s for s in shown if s)
+                          + ". The file was edited or mixes two runs; export a checkpoint written by one run")
     unet.load_state_dict(state, strict=True)
     return unet
 
 
-def model_card(info: dict, step: int, ema: bool, params: int, pipeline: str = "StableDiffusionPipeline") -> str:
+def model_card(info: dict, step: int, ema: bool, params: int, pipeline: str = "StableDiffusionPipeline",
+               checkpoint: str | None = None) -> str:
     teacher = info["teacher"]
     base = f"base_model: {teacher}\n" if "/" in teacher and not Path(teacher).exists() else ""
     loss = info.get("loss", {})
@@ -63,6 +83,7 @@ The VAE, text encoder, tokenizer and scheduler are the teacher's.
 - student rule: `{json.dumps(info.get('rule', {}))}`
 - loss: task {loss.get('task')} + {loss.get('output')} x output KD + {loss.get('feature')} x feature KD over {len(info.get('feature_pairs', []))} feature pairs
 - prediction type: {info.get('prediction_type')}; training resolution: {info.get('resolution')} px
+{f"- exported from the training checkpoint `{checkpoint}` (step {step:,})" if checkpoint else ""}
 
 ```python
 from diffusers import {pipeline}
@@ -76,7 +97,7 @@ def export_student(ckpt_path: str | Path, out_dir: str | Path, ema: bool = False
                    teacher: Teacher | None = None) -> Path:
     ckpt = load_checkpoint(ckpt_path)
     info: dict[str, Any] = ckpt["distillery"]
-    unet = student_from_checkpoint(ckpt, ema=ema)
+    unet = student_from_checkpoint(ckpt, ema=ema, source=ckpt_path)
     if teacher is None:
         teacher = load_teacher(info["teacher"], seed=info.get("teacher_seed", 0))
     # The frozen parts may sit on a GPU in bf16 inside a training run: save float32 copies of
@@ -90,13 +111,16 @@ def export_student(ckpt_path: str | Path, out_dir: str | Path, ema: bool = False
             place(module, "cpu", torch.float32)
         pipe = make_pipeline(teacher, unet)
         pipe.save_pretrained(out, safe_serialization=True)
+        complete_pipeline_tokenizers(pipe, out)  # loadable with transformers 4 as well as 5
     finally:
         for module, (device, dtype) in zip(frozen, placement):
             place(module, device, dtype)
     params = sum(p.numel() for p in unet.parameters())
-    card = model_card(info, int(ckpt.get("global_step", 0)), ema, params, type(pipe).__name__)
+    checkpoint = str(Path(ckpt_path).resolve())
+    card = model_card(info, int(ckpt.get("global_step", 0)), ema, params, type(pipe).__name__, checkpoint)
     (out / "README.md").write_text(card)
-    # What the student is (arch, teacher, rule, loss, step): evaluation and notebooks read it.
-    record = {**info, "step": int(ckpt.get("global_step", 0)), "ema": bool(ema)}
+    # What the student is (arch, teacher, rule, loss, step, source checkpoint): evaluation and
+    # notebooks read it.
+    record = {**info, "step": int(ckpt.get("global_step", 0)), "ema": bool(ema), "checkpoint": checkpoint}
     (out / "distillery.json").write_text(json.dumps(record, indent=2, default=str))
     return out

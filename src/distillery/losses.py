@@ -90,3 +90,7 @@ class KDLoss(torch.nn.Module):
             loss = loss + w.feature * terms["feat_kd"]
         terms["loss"] = loss
         return terms
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss came out NaN or infinite: the run stops before the weights take it in."""

@@ -26,7 +26,7 @@ def make_pipeline(teacher, unet, scheduler=None):
         return StableDiffusionXLPipeline(
             vae=teacher.vae, text_encoder=teacher.text_encoder, text_encoder_2=teacher.text_encoder_2,
             tokenizer=teacher.tokenizer, tokenizer_2=teacher.tokenizer_2, unet=unet, scheduler=scheduler,
-            force_zeros_for_empty_prompt=True, add_watermarker=False,
+            force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt, add_watermarker=False,
         )
     return StableDiffusionPipeline(
         vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, unet=unet,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -9,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger(__name__)
@@ -27,13 +31,59 @@ def wandb_credentials_configured() -> bool:
     return rc.authenticators(base) is not None
 
 
-def make_loggers(logger_cfg: DictConfig | None, resume_run_id: str | None = None) -> list[Any]:
+class _ResumedCSVWriter(ExperimentWriter):
+    """Keeps the rows of ``metrics.csv`` logged before ``resume_step`` (Lightning's writer deletes
+    the file) and appends after them; rows of later steps, logged after the checkpoint by the run
+    that stopped, are dropped since the resumed run logs those steps again."""
+
+    def __init__(self, log_dir: str, resume_step: int) -> None:
+        self.resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step", "") == "" or int(float(r["step"])) < self.resume_step]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = sorted(header)
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's CSV logger, with ``resume_step``: a resumed run (set by ``make_loggers``) keeps
+    the log of the steps before its checkpoint and appends its own rows to it."""
+
+    def __init__(self, *args: Any, resume_step: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None and self.resume_step is not None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumedCSVWriter(self.log_dir, self.resume_step)
+        return super().experiment
+
+
+def make_loggers(logger_cfg: DictConfig | None, resume_run_id: str | None = None,
+                 resume_step: int | None = None) -> list[Any]:
     """Instantiate every configured logger (``logger=wandb|csv|none``). ``resume_run_id``: the
-    W&B run a resumed training run continues (read from its checkpoint)."""
+    W&B run a resumed training run continues (read from its checkpoint); ``resume_step``: the
+    step it resumes at, for the CSV log to keep the rows before it."""
     loggers = []
     for name, cfg in (logger_cfg or {}).items():
         if cfg is None or "_target_" not in cfg:
             continue
+        if cfg._target_ == f"{__name__}.CSVLogger" and resume_step is not None:
+            with open_dict(cfg):
+                cfg.resume_step = int(resume_step)
         if cfg._target_.endswith("WandbLogger") and resume_run_id:
             with open_dict(cfg):
                 cfg.id, cfg.resume = resume_run_id, "allow"

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from distillery.config import ConfigError, validate
 from distillery.models.features import check_pair_shapes, resolve_pairs
 from distillery.models.students import build_student
-from distillery.models.teacher import load_teacher, place, resolve_dtype
+from distillery.models.teacher import (load_teacher, place, resolution_problem, resolve_dtype,
+                                       vae_downsampling_factor)
 from distillery.tracking import close_loggers, make_loggers
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,83 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
     return "32-true"
 
 
-def latent_size(resolution: int, vae) -> int:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if resolution % factor:
-        raise ConfigError(f"data.resolution={resolution} is not a multiple of the VAE's downsampling factor {factor}")
+def latent_size(resolution: int, vae, teacher: str) -> int:
+    """The latent side for ``resolution`` px with the loaded VAE of the teacher named ``teacher``."""
+    factor = vae_downsampling_factor(vae.config)
+    if problem := resolution_problem(resolution, factor, teacher):
+        raise ConfigError(problem)
     return resolution // factor
+
+
+def _instantiate_data(data_cfg: DictConfig):
+    """The data module; a source's own error (an empty folder, a glob matching nothing) raised as
+    itself, not wrapped in Hydra's InstantiationException."""
+    from hydra.errors import InstantiationException
+
+    from distillery.data.cache import CacheMismatchError
+    from distillery.data.sources import DataSourceError
+
+    try:
+        return instantiate(data_cfg)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, (DataSourceError, CacheMismatchError)):
+            raise cause from None
+        raise
+
+
+def preflight(cfg: DictConfig) -> dict[str, Any]:
+    """What the configs alone can tell, checked before any teacher weight is read: the rule
+    applies to the teacher's U-Net config (``unet/config.json``; the student is derived on the
+    meta device), the latent cache matches the run, and the data source yields a sample. Every
+    problem found is reported at once. Returns the data module and the cache facts."""
+    from diffusers import UNet2DConditionModel
+
+    from distillery.data.cache import CacheMismatchError
+    from distillery.data.sources import DataSourceError
+    from distillery.models.known_teachers import load_unet_config
+    from distillery.models.students import StudentRuleError
+    from distillery.models.teacher import TeacherLoadError
+
+    problems: list[Exception] = []
+    out: dict[str, Any] = {"cache_info": {}, "datamodule": None}
+    try:
+        teacher_config = load_unet_config(cfg.arch.teacher)
+    except TeacherLoadError:
+        teacher_config = None  # load_teacher says what is wrong with the teacher itself
+    if teacher_config is not None:
+        try:
+            with torch.device("meta"):
+                teacher_unet = UNet2DConditionModel.from_config(teacher_config)
+            build_student(teacher_unet, cfg.arch.rule, rule_name=cfg.arch.name, copy_weights=False)
+        except StudentRuleError as err:
+            problems.append(err)
+    cache = cfg.data.get("cache")
+    if cache:
+        try:
+            out["cache_info"] = check_cache(cfg, cache)
+        except CacheMismatchError as err:
+            problems.append(err)
+    try:
+        out["datamodule"] = _instantiate_data(cfg.data)
+        out["datamodule"].dataset.check()
+    except (CacheMismatchError, DataSourceError) as err:
+        problems.append(err)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ConfigError(f"{len(problems)} problems, found before loading the teacher:\n- "
+                          + "\n- ".join(f"{type(e).__name__}: {e}" for e in problems))
+    return out
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Everything fit needs, built from a validated config."""
     on_gpu = _on_gpu(cfg.trainer)
     cache = cfg.data.get("cache")
+    checked = preflight(cfg)
     # From a latent cache the VAE and text encoders are not even loaded.
     teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed, encoders=not cache)
     student, _ = build_student(teacher.unet, cfg.arch.rule, rule_name=cfg.arch.name)
@@ -56,8 +123,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         teacher.unet.config, student.config, rule.get("drop_stages", []),
         bool(cfg.arch.features.get("include_mid", False)), rule=rule,
     )
-    cache_info = check_cache(cfg, cache) if cache else {}
-    size = cache_info["latent_size"] if cache else latent_size(cfg.data.resolution, teacher.vae)
+    cache_info = checked["cache_info"]
+    size = cache_info["latent_size"] if cache else latent_size(cfg.data.resolution, teacher.vae, cfg.arch.teacher)
     if pairs:
         check_pair_shapes(teacher.unet, student, pairs, size)
     frozen_dtype = resolve_dtype(cfg.arch.teacher_dtype, on_gpu)
@@ -93,7 +160,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         latent_scaling_factor=cache_info.get("scaling_factor"),
         vae_scale_factor=cfg.data.resolution // size,
     )
-    datamodule = instantiate(cfg.data)
+    datamodule = checked["datamodule"]
     log.info("teacher %s -> student %s: %s -> %s U-Net params, %d feature pairs",
              cfg.arch.teacher, cfg.arch.name, f"{sum(p.numel() for p in teacher.unet.parameters()):,}",
              f"{sum(p.numel() for p in student.parameters()):,}", len(pairs))
@@ -111,17 +178,20 @@ def method_runner(cfg: DictConfig):
 
 
 def check_cache(cfg: DictConfig, cache: str) -> dict[str, Any]:
-    """Refuse a latent cache made for another teacher, resolution or crop policy, naming each
-    difference; return what training needs from it."""
-    from distillery.data.cache import CacheMismatchError, CacheSource, stamp_differences
+    """Refuse a latent cache made for another teacher (a name and a folder are compared as the
+    folder they load), another VAE or text encoder (the fingerprints of the teacher's weight
+    files), resolution or crop policy, naming each difference; return what training needs from
+    it. Reads the stamp and the teacher's files, loads no model."""
+    from distillery.data.cache import (
+        FORMAT_VERSION, CacheMismatchError, CacheSource, stamp_differences, teacher_fingerprints, teacher_identity,
+    )
 
     source = CacheSource(cache)
-    teacher = cfg.arch.teacher
-    if Path(teacher).expanduser().exists():
-        teacher = str(Path(teacher).expanduser().resolve())
-    run = {"teacher_source": teacher, "resolution": int(cfg.data.resolution),
-           "crop": str(OmegaConf.select(cfg, "data.transform.crop", default="center"))}
-    diffs = stamp_differences({k: source.stamp.get(k) for k in run}, run)
+    run = {"format_version": FORMAT_VERSION, "teacher_source": teacher_identity(cfg.arch.teacher),
+           "resolution": int(cfg.data.resolution),
+           "crop": str(OmegaConf.select(cfg, "data.transform.crop", default="center")),
+           **teacher_fingerprints(cfg.arch.teacher)}
+    diffs = stamp_differences(source.stamp, run, run_keys_only=True)
     if diffs:
         raise CacheMismatchError(f"the latent cache {cache} does not match this run:\n  " + "\n  ".join(diffs)
                                  + "\nRebuild it with: python src/cache.py data=<recipe> arch=<arch> out=<folder>")
@@ -134,15 +204,54 @@ def _checkpoint_dir(cfg: DictConfig) -> Path:
 
 
 def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    if cfg.get("ckpt_path") != "last":
-        return cfg.get("ckpt_path")
-    last = _checkpoint_dir(cfg) / "last.ckpt"
-    if not last.is_file():
+    """The checkpoint this run resumes from, checked before anything is built: it must load
+    without unpickling code and be a distillery checkpoint. ``last``: checkpoints/last.ckpt, or,
+    when that file is damaged, the newest checkpoint of the folder that loads. A run refuses a
+    checkpoint folder that holds checkpoints it does not resume from: it would not own them."""
+    from distillery.checkpoints import CheckpointError, newest_loadable, read_checkpoint
+
+    ckpt_dir = _checkpoint_dir(cfg)
+    wanted = cfg.get("ckpt_path")
+    if wanted == "last":
+        last = ckpt_dir / "last.ckpt"
+        if not last.is_file():
+            raise ConfigError(
+                f"ckpt_path=last but {last} does not exist. To resume a run, point Hydra at its folder: "
+                "python src/train.py ckpt_path=last hydra.run.dir=<outputs/.../the run's folder> (with the run's overrides)"
+            )
+        try:
+            read_checkpoint(last, mmap=True)
+            return str(last)
+        except CheckpointError as err:
+            found = newest_loadable(ckpt_dir, exclude=last)
+            if found is None:
+                raise CheckpointError(f"ckpt_path=last: {err}; no other checkpoint in {ckpt_dir} loads") from None
+            # The damaged file stays until this run saves its own last.ckpt over it.
+            log.warning("%s; resuming from %s (step %d), the newest checkpoint that loads", err, found[0].name,
+                        int(found[1].get("global_step", 0)))
+            return str(found[0])
+    if wanted:
+        read_checkpoint(wanted, mmap=True)
+    others = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    if others and not (wanted and Path(wanted).resolve().parent == ckpt_dir.resolve()):
         raise ConfigError(
-            f"ckpt_path=last but {last} does not exist. To resume a run, point Hydra at its folder: "
-            "python src/train.py ckpt_path=last hydra.run.dir=<outputs/.../the run's folder> (with the run's overrides)"
+            f"{ckpt_dir} already holds the checkpoints of another run ({', '.join(others[:4])}"
+            f"{', ...' if len(others) > 4 else ''}); this run would write beside them. Continue that run with "
+            "ckpt_path=last (and its overrides), or train into a new folder (hydra.run.dir=<new folder>, "
+            "or no hydra.run.dir for a new dated one)"
         )
-    return str(last)
+    return str(wanted) if wanted else None
+
+
+def _check_resume(ckpt_path: str | None, model) -> int | None:
+    """The step a resumed run starts at, after checking its checkpoint is of this run's student."""
+    if not ckpt_path:
+        return None
+    from distillery.checkpoints import check_same_run, read_checkpoint
+
+    ckpt = read_checkpoint(ckpt_path, mmap=True)
+    check_same_run(ckpt_path, ckpt, getattr(model, "export_info", {}))
+    return int(ckpt.get("global_step", 0))
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -153,40 +262,50 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     runner = method_runner(cfg)
     parts = runner.build(cfg)
     model, datamodule = parts["model"], parts["datamodule"]
+    resume_step = _check_resume(ckpt_path, model)
 
-    from distillery.callbacks import TeacherStudentSamples, Throughput, TrackerRunId, wandb_run_id
+    from distillery.callbacks import (StopOnNonFiniteLoss, StopOnSignal, TeacherStudentSamples, Throughput,
+                                      TrackerRunId, wandb_run_id)
 
-    loggers = make_loggers(cfg.get("logger"), resume_run_id=wandb_run_id(ckpt_path))
+    loggers = make_loggers(cfg.get("logger"), resume_run_id=wandb_run_id(ckpt_path), resume_step=resume_step)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     if not loggers:  # logger=none: there is nowhere to send the learning rate
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    callbacks += [TrackerRunId(), Throughput(cfg.trainer.get("log_every_n_steps", 50))]
+    callbacks += [TrackerRunId(), Throughput(cfg.trainer.get("log_every_n_steps", 50)),
+                  StopOnSignal(_checkpoint_dir(cfg)), StopOnNonFiniteLoss()]
     if cfg.eval.get("every_n_steps") or cfg.eval.get("metrics_every_n_steps"):
         callbacks.append(TeacherStudentSamples(cfg, run_dir))
+    from distillery.checkpoints import SafeCheckpointIO
+
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer)
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer),
+        plugins=[SafeCheckpointIO()],
     )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     status = "failed"
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
         # Checkpoints are written every N steps; make sure the final step is on disk too.
         ckpt_dir = _checkpoint_dir(cfg)
         ckpt_cb = trainer.checkpoint_callback
-        if ckpt_cb is not None and getattr(ckpt_cb, "_last_global_step_saved", -1) != trainer.global_step:
-            trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+        final = ckpt_dir / "last.ckpt"
+        if ckpt_cb is not None and getattr(ckpt_cb, "_last_global_step_saved", -1) == trainer.global_step \
+                and ckpt_cb.last_model_path:
+            final = Path(ckpt_cb.last_model_path)
+        elif ckpt_cb is not None:
+            trainer.save_checkpoint(final)
         if model.skipped and any(model.skipped.values()):
             from distillery.data.streaming import skipped_summary
 
             log.warning("the data stream skipped samples: %s", skipped_summary(model.skipped))
         result: dict[str, Any] = {"run_dir": run_dir, "global_step": trainer.global_step,
                                   "skipped": dict(model.skipped),
-                                  "checkpoint": ckpt_dir / "last.ckpt",
+                                  "checkpoint": final,
                                   "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
-        if cfg.get("export_at_end") and trainer.is_global_zero and (ckpt_dir / "last.ckpt").is_file():
-            result.update(runner.finish(cfg, parts, ckpt_dir / "last.ckpt", run_dir, loggers))
+        if cfg.get("export_at_end") and trainer.is_global_zero and final.is_file():
+            result.update(runner.finish(cfg, parts, final, run_dir, loggers))
         status = "success"
     finally:
         close_loggers(loggers, status)
@@ -232,7 +351,8 @@ def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: lis
 
 def evaluate_at_end(cfg: DictConfig, teacher, student, export_dir: Path, out_dir: Path, loggers: list) -> dict[str, Any]:
     """Teacher and exported student through the evaluation code of src/eval.py: same prompts,
-    same seeds, the student also compared image by image with the teacher."""
+    same seeds, the student also compared image by image with the teacher. The teacher's images
+    come from ``eval.teacher_cache`` when another run (a job of the same sweep) drew them."""
     import dataclasses
     import json
 

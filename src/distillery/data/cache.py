@@ -4,9 +4,11 @@ Folder layout (``python src/cache.py`` writes it, ``CacheSource`` streams it):
 
     stamp.json                what the cache depends on (``cache_stamp``) plus the build's shard_size;
                               written first, so a restarted build can refuse other settings
-    empty_prompt.safetensors  the embeddings of the caption "" (caption dropout from the cache)
+    empty_prompt.safetensors  the embeddings of a dropped caption (caption dropout from the cache): those
+                              of "", or zeros for an SDXL teacher with force_zeros_for_empty_prompt
     shard-00000.safetensors   samples [0, shard_size), shard-00001 the next shard_size, ...
-    index.json                shard names and counts; written last: its presence marks a complete cache
+    index.json                shard names, counts, sizes and sha256 checksums; written last: its presence
+                              marks a complete cache. A shard is checked against them when it is opened.
 
 A shard holds, for its N samples:
     latent_mean, latent_std  [N, 4, h, w]  the VAE posterior's mean and std, UNSCALED (as the VAE gives
@@ -30,10 +32,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-FORMAT_VERSION = 1
+from distillery.data.sources import DataSourceError
+
+# 2: teacher weight-file fingerprints in the stamp, shard sizes and checksums in the index.
+FORMAT_VERSION = 2
 STAMP_FILE, INDEX_FILE, EMPTY_PROMPT_FILE = "stamp.json", "index.json", "empty_prompt.safetensors"
 META_KEY = "distillery"
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
@@ -48,6 +53,10 @@ _STORAGE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": t
 
 class CacheMismatchError(ValueError):
     """The cache folder does not match the run (or is not a complete cache)."""
+
+
+class CacheCorruptError(DataSourceError):
+    """A cache file is missing, truncated or changed since the build; the message names the file."""
 
 
 def shard_name(i: int) -> str:
@@ -90,11 +99,99 @@ def weights_hash(module: torch.nn.Module, max_tensors: int = 8, max_elements: in
     return h.hexdigest()[:16]
 
 
-def _module_identity(module: torch.nn.Module) -> dict:
+# Weight files as diffusers / transformers save them (sharded ones with their index).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
+_SLICES, _SLICE_BYTES = 16, 1 << 16
+ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")
+
+
+def file_fingerprint(path) -> str:
+    """``<bytes>:<sha256 prefix>`` of a weight file from a few reads, never the whole file: the
+    safetensors header (every tensor's name, dtype, shape and offsets) and 16 evenly spaced 64 KiB
+    slices of the data (a small file: all of it). A fine-tune or any other checkpoint saved in
+    its place changes the sampled bytes; about 1 MiB is read however large the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = 0
+        if path.suffix == ".safetensors" and size >= 8:
+            head = min(size, 8 + int.from_bytes(f.read(8), "little"))
+            f.seek(0)
+            h.update(f.read(head))
+        body = size - head
+        if body <= _SLICES * _SLICE_BYTES:
+            h.update(f.read())
+        else:
+            for k in range(_SLICES):
+                f.seek(head + k * (body - _SLICE_BYTES) // (_SLICES - 1))
+                h.update(f.read(_SLICE_BYTES))
+    return f"{size}:{h.hexdigest()[:16]}"
+
+
+def folder_fingerprint(folder) -> str | None:
+    """One fingerprint over the weight files of a component folder (``<teacher>/vae``): total
+    bytes and a hash of every file's name and ``file_fingerprint``. None without weight files."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)) \
+        if folder.is_dir() else []
+    if not files:
+        return None
+    h, total = hashlib.sha256(), 0
+    for p in files:
+        fp = file_fingerprint(p)
+        total += int(fp.split(":")[0])
+        h.update(f"{p.name}={fp};".encode())
+    return f"{total} bytes, sha256 {h.hexdigest()[:16]}"
+
+
+def teacher_folder(source: str) -> Path | None:
+    """The pipeline folder a teacher is read from: a folder (however spelt), a shipped teacher's
+    name, or a hub id's snapshot in the local HF cache. None otherwise (tiny-random, a hub id not
+    downloaded yet)."""
+    from distillery.models.teacher import teacher_path
+
+    path = Path(teacher_path(str(source))).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(str(source), "model_index.json")
+    except Exception:  # not a valid repo id: nothing cached under it
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def teacher_identity(source: str) -> str:
+    """How the stamp names a teacher: a folder or shipped name as its resolved folder, so the
+    run's ``arch.teacher=shapes-teacher`` and the folder that name loads are the same teacher;
+    a hub id or tiny-random as given."""
+    from distillery.models.teacher import teacher_path
+
+    path = Path(teacher_path(str(source))).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
+
+
+def teacher_fingerprints(source: str) -> dict:
+    """``{"vae": {"fingerprint": ...}, "text_encoders": [{"fingerprint": ...}, ...]}`` from the
+    teacher's weight files alone (no model is loaded): a training run compares them with the
+    stamp, so a VAE or text encoder changed in place is refused. Fingerprints are None where
+    the teacher has no folder."""
+    folder = teacher_folder(source)
+    if folder is None:
+        return {"vae": {"fingerprint": None}}
+    return {"vae": {"fingerprint": folder_fingerprint(folder / "vae")},
+            "text_encoders": [{"fingerprint": folder_fingerprint(folder / name)}
+                              for name in ENCODER_FOLDERS if (folder / name).is_dir()]}
+
+
+def _module_identity(module: torch.nn.Module, fingerprint: str | None = None) -> dict:
     config = module.config
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     config = {k: v for k, v in config.items() if not k.startswith("_") and k not in _IGNORED_CONFIG_KEYS}
-    return {"class": type(module).__name__, "config": _jsonable(config), "weights": weights_hash(module)}
+    return {"class": type(module).__name__, "config": _jsonable(config), "weights": weights_hash(module),
+            "fingerprint": fingerprint}
 
 
 def cache_stamp(teacher_source: str, vae, text_encoders: list, resolution: int, crop: str, dtype: str,
@@ -102,14 +199,17 @@ def cache_stamp(teacher_source: str, vae, text_encoders: list, resolution: int, 
     """Everything the cached tensors depend on, as plain JSON values.
 
     Compute it from the teacher as ``load_teacher`` returns it (float32), before ``freeze``: the
-    weight fingerprints hash float32 values, so a bf16 copy would not match."""
-    if os.path.exists(teacher_source):  # a folder: the same folder however the run spelt it
-        teacher_source = str(Path(teacher_source).resolve())
+    weight hashes hash float32 values, so a bf16 copy would not match. The fingerprints of the
+    teacher's weight files (``teacher_fingerprints``) are what a training run, which loads no
+    encoder, checks."""
+    files = teacher_fingerprints(teacher_source)
+    encoder_files = files.get("text_encoders", [])
     return _jsonable({
         "format_version": FORMAT_VERSION,
-        "teacher_source": str(teacher_source),
-        "vae": _module_identity(vae),
-        "text_encoders": [_module_identity(enc) for enc in text_encoders],
+        "teacher_source": teacher_identity(teacher_source),
+        "vae": _module_identity(vae, files["vae"]["fingerprint"]),
+        "text_encoders": [_module_identity(enc, encoder_files[i]["fingerprint"] if i < len(encoder_files) else None)
+                          for i, enc in enumerate(text_encoders)],
         "tokenizers": [{"class": type(t).__name__, "max_length": int(t.model_max_length),
                         "vocab_size": len(t)} for t in tokenizers],
         "resolution": int(resolution),
@@ -145,13 +245,17 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 _ABSENT = object()
 
 
-def stamp_differences(cached: Mapping, run: Mapping, ignore: Iterable[str] = ()) -> list[str]:
-    """One line per differing (dotted) key: ``resolution: cache 512, run 1024``."""
+def stamp_differences(cached: Mapping, run: Mapping, ignore: Iterable[str] = (),
+                      run_keys_only: bool = False) -> list[str]:
+    """One line per differing (dotted) key: ``resolution: cache 512, run 1024``.
+
+    ``run_keys_only``: compare only the (dotted) keys ``run`` has, for a run that knows part of
+    the stamp (training from a cache knows the teacher's files, not its loaded encoders)."""
     a, b = _flatten(_jsonable(dict(cached))), _flatten(_jsonable(dict(run)))
     skip = tuple(ignore)
     show = lambda v: "<absent>" if v is _ABSENT else json.dumps(v)  # noqa: E731
     lines = []
-    for key in sorted(set(a) | set(b)):
+    for key in sorted(set(b) if run_keys_only else set(a) | set(b)):
         if any(key == s or key.startswith(s + ".") for s in skip):
             continue
         va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
@@ -195,14 +299,26 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    _write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()},
-                             {META_KEY: json.dumps(meta, sort_keys=True)}))
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Write the file; return its index entry (name, bytes, sha256), hashed from the bytes written."""
+    data = save({k: v.contiguous() for k, v in tensors.items()}, {META_KEY: json.dumps(meta, sort_keys=True)})
+    _write_atomic(path, data)
+    return {"name": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _file_entry(path: Path) -> dict:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": digest}
 
 
 def _shard_count(path: Path) -> int:
-    with safe_open(str(path), "pt") as f:
-        return int(f.get_slice("latent_mean").get_shape()[0])
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int(f.get_slice("latent_mean").get_shape()[0])
+    except (SafetensorError, OSError) as err:
+        raise CacheCorruptError(f"latent cache shard {path} is damaged ({err}); delete it and rerun "
+                                "the build to encode it again") from err
 
 
 def _claim_folder(out: Path, stored_stamp: dict) -> None:
@@ -308,10 +424,15 @@ def build_cache(samples: Iterable[dict] | Callable[[int], Iterable[dict]], teach
     enc = _Encoder(teacher, device, dtype, stamp.get("resolution"))
     scaling = float(teacher.vae.config.scaling_factor)
     if not (out / EMPTY_PROMPT_FILE).is_file():
+        # Teacher.encode_prompts gives "" the pipeline's unconditional embeddings (zeros for SDXL
+        # teachers with force_zeros_for_empty_prompt); the metadata says which, for a reader.
         empty = {k: v[0] for k, v in enc.prompts([""]).items()}
-        _save_tensors(out / EMPTY_PROMPT_FILE, empty, {"format_version": FORMAT_VERSION, "caption": ""})
+        _save_tensors(out / EMPTY_PROMPT_FILE, empty, {
+            "format_version": FORMAT_VERSION, "caption": "",
+            "unconditional": "zeros" if teacher.zeros_for_dropped_caption else "encoded"})
 
     kept = {int(m.group(1)): _shard_count(out / p.name) for p in out.iterdir() if (m := SHARD_RE.match(p.name))}
+    entries: dict[int, dict] = {}  # index entries of the shards written by this call
     first_missing = next(i for i in range(len(kept) + 1) if i not in kept)
     if callable(samples):
         pos, stream = first_missing * shard_size, iter(samples(first_missing * shard_size))
@@ -348,7 +469,7 @@ def build_cache(samples: Iterable[dict] | Callable[[int], Iterable[dict]], teach
         tensors = {k: torch.cat([p[k] for p in state["parts"]]) for k in state["parts"][0]}
         meta = {"format_version": FORMAT_VERSION, "scaling_factor": scaling, "latents": "unscaled",
                 "first_index": i * shard_size, "keys": state["keys"], "captions": state["captions"]}
-        _save_tensors(out / shard_name(i), tensors, meta)
+        entries[i] = _save_tensors(out / shard_name(i), tensors, meta)
         counts[i] = state["seen"]
 
     for sample in stream:
@@ -381,7 +502,9 @@ def build_cache(samples: Iterable[dict] | Callable[[int], Iterable[dict]], teach
         "format_version": FORMAT_VERSION, "num_samples": pos, "shard_size": shard_size, "dtype": _dtype_name(dtype),
         "latents": "unscaled posterior mean/std: latents = (mean + std * noise) * scaling_factor",
         "scaling_factor": scaling, "shapes": shapes,
-        "shards": [{"name": shard_name(i), "count": counts[i]} for i in range(n_shards)],
+        # Kept shards (an earlier call wrote them) are hashed from disk: one read each.
+        "shards": [{**(entries.get(i) or _file_entry(out / shard_name(i))), "count": counts[i]}
+                   for i in range(n_shards)],
     }
     _write_atomic(out / INDEX_FILE, json.dumps(index, indent=2).encode())
     return {**index, "encoded": encoded}
@@ -389,7 +512,8 @@ def build_cache(samples: Iterable[dict] | Callable[[int], Iterable[dict]], teach
 
 # ---- reading ------------------------------------------------------------------------------------
 def load_empty_prompt(cache_dir) -> dict[str, torch.Tensor]:
-    """prompt_embeds [77, D] (and pooled_prompt_embeds [D2]) of the caption "", in the storage dtype."""
+    """prompt_embeds [77, D] (and pooled_prompt_embeds [D2]) of a dropped caption, in the storage
+    dtype: the encoding of "", or zeros where the teacher pipeline zeros its unconditional branch."""
     return load_file(str(Path(cache_dir) / EMPTY_PROMPT_FILE))
 
 
@@ -409,6 +533,9 @@ class CacheSource:
                                      f"(no {INDEX_FILE}: its build did not finish)")
         self.index = json.loads((self.dir / INDEX_FILE).read_text())
         self.chunk = chunk  # records read from the file at a time
+        self._entries = {s["name"]: s for s in self.index["shards"]}
+        # Shards whose checksum held, by (size, mtime): each process hashes a shard once, not every epoch.
+        self._verified: dict[str, tuple[int, int]] = {}
 
     @property
     def num_samples(self) -> int:
@@ -425,18 +552,51 @@ class CacheSource:
         """Embeddings of the empty caption, for caption dropout (classifier-free guidance)."""
         return load_empty_prompt(self.dir)
 
+    def verify(self, shard) -> None:
+        """Raise ``CacheCorruptError``, naming the shard, unless it is the file the build wrote:
+        present, of the size and sha256 its index entry records."""
+        path = Path(shard)
+        entry = self._entries.get(path.name)
+        if entry is None or "sha256" not in entry:
+            return  # nothing recorded to check against
+        where = f"latent cache shard {path}"
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise CacheCorruptError(f"{where} is missing ({INDEX_FILE} lists it); rebuild the cache") from None
+        if self._verified.get(str(path)) == (st.st_size, st.st_mtime_ns):
+            return
+        if st.st_size != entry["bytes"]:
+            what = "truncated" if st.st_size < entry["bytes"] else "longer than built"
+            raise CacheCorruptError(f"{where} is {what}: {st.st_size} bytes, {INDEX_FILE} records {entry['bytes']}; "
+                                    "rebuild the cache (or copy the file again)")
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != entry["sha256"]:
+            raise CacheCorruptError(f"{where}: checksum mismatch (sha256 {digest[:16]}..., {INDEX_FILE} records "
+                                    f"{entry['sha256'][:16]}...): the file changed or was damaged after the "
+                                    "build; rebuild the cache (or copy the file again)")
+        self._verified[str(path)] = (st.st_size, st.st_mtime_ns)
+
     def read(self, shard, start: int = 0) -> Iterator[dict]:
-        with safe_open(str(shard), "pt") as f:
-            meta = json.loads(f.metadata()[META_KEY])
-            names, n = list(f.keys()), len(meta["keys"])
-            for lo in range(start, n, self.chunk):
-                hi = min(lo + self.chunk, n)
-                block = {k: f.get_slice(k)[lo:hi] for k in names}  # reads only these rows
-                for j in range(hi - lo):
-                    # clone: a record must not keep its whole block alive (or ship it to another process)
-                    record = {k: v[j].clone() for k, v in block.items()}
-                    record.update(key=meta["keys"][lo + j], caption=meta["captions"][lo + j])
-                    yield record
+        self.verify(shard)
+        try:
+            with safe_open(str(shard), "pt") as f:
+                meta = json.loads(f.metadata()[META_KEY])
+                names, n = list(f.keys()), len(meta["keys"])
+                for lo in range(start, n, self.chunk):
+                    hi = min(lo + self.chunk, n)
+                    block = {k: f.get_slice(k)[lo:hi] for k in names}  # reads only these rows
+                    for j in range(hi - lo):
+                        # clone: a record must not keep its whole block alive (or ship it to another process)
+                        record = {k: v[j].clone() for k, v in block.items()}
+                        record.update(key=meta["keys"][lo + j], caption=meta["captions"][lo + j])
+                        yield record
+        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            if isinstance(err, CacheCorruptError):
+                raise
+            raise CacheCorruptError(f"latent cache shard {shard} cannot be read: {type(err).__name__}: {err}; "
+                                    "rebuild the cache") from err
 
     def describe(self) -> str:
         s = self.stamp

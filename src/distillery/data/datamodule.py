@@ -34,6 +34,7 @@ class DistillDataModule(L.LightningDataModule):
         filters: dict | None = None,
         min_size: int = 0,
         caption_dropout: float = 0.0,
+        allow_missing_columns: list[str] | None = None,
         cache: str | None = None,
         pin_memory: bool = True,
         **_: object,  # recipe fields read elsewhere (sample prompts, fetch settings)
@@ -55,6 +56,7 @@ class DistillDataModule(L.LightningDataModule):
         self.dataset = StreamingDataset(
             source, image_transform, seed=seed, min_size=0 if cache else min_size,
             caption_dropout=caption_dropout, filters=None if cache else filters,
+            allow_missing_columns=None if cache else allow_missing_columns,
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -37,15 +37,33 @@ def _has_text(value: Any) -> bool:
     return False
 
 
+def check_filter_columns(columns, filters: Mapping | None, allow_missing=()) -> None:
+    """A filter on a column the table lacks is an error (as it is at training time), unless the
+    recipe lists the column in `allow_missing_columns`."""
+    columns = [str(c) for c in columns]
+    allowed = set(allow_missing or ())
+    if unknown := sorted(allowed - set(filters or {})):
+        raise PrepareError(f"allow_missing_columns names {unknown}, which no filter reads; "
+                           f"the filters read: {sorted(filters or {})}")
+    for column, bounds in (filters or {}).items():
+        if column not in columns and column not in allowed:
+            raise PrepareError(
+                f"filter {column}: {dict(bounds or {})} reads the column {column!r}, which the table lacks; "
+                f"its columns: {', '.join(columns)}. Fix the filter, or list the column in the recipe's "
+                "allow_missing_columns to run without it")
+
+
 def apply_filters(table: pd.DataFrame, filters: Mapping | None, caption_column: str,
-                  min_size: int = 0) -> tuple[pd.DataFrame, list[tuple[str, int]]]:
+                  min_size: int = 0, allow_missing=()) -> tuple[pd.DataFrame, list[tuple[str, int]]]:
     """Rows that pass: a non-empty caption, every `{column: {min, max}}` bound (inclusive; a
     missing value fails), and a shorter side >= min_size where the table records sizes.
 
-    A filter whose column the table lacks is reported as not applied rather than failing: the
-    recastai LAION-Art table has no score column because it is already above the threshold.
+    A filter whose column the table lacks is an error, unless `allow_missing` lists the column:
+    then it is reported as not applied (the recastai LAION-Art table has no score column because
+    it is already above the threshold).
     Returns the kept rows and [(step, rows left after it)], starting with ("input", n).
     """
+    check_filter_columns(table.columns, filters, allow_missing)
     report = [("input", len(table))]
     table = table[table[caption_column].map(_has_text)]
     report.append((f"{caption_column} not empty", len(table)))
@@ -55,7 +73,7 @@ def apply_filters(table: pd.DataFrame, filters: Mapping | None, caption_column: 
         if unknown:
             raise PrepareError(f"filter {column}: unknown key(s) {sorted(unknown)}; use min and/or max")
         if column not in table.columns:
-            report.append((f"{column}: column not in the table, NOT applied", len(table)))
+            report.append((f"{column}: column not in the table, NOT applied (allow_missing_columns)", len(table)))
             continue
         values = pd.to_numeric(table[column], errors="coerce")
         keep = values.notna()
@@ -107,7 +125,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
     raise PrepareError(f"unknown table format {path.name}: use parquet, csv, tsv, jsonl or json")
 
 
-def _load_hub_table(fetch: Mapping, columns: list[str]) -> pd.DataFrame:
+def _load_hub_table(fetch: Mapping, columns: list[str], filters: Mapping | None = None,
+                    allow_missing=()) -> pd.DataFrame:
     import datasets
 
     try:
@@ -117,6 +136,7 @@ def _load_hub_table(fetch: Mapping, columns: list[str]) -> pd.DataFrame:
         raise PrepareError(f"could not load the table {fetch['dataset']}: {type(err).__name__}: {err}\n"
                            "a local copy of it works too: prepare.table=<parquet/csv/jsonl>") from err
     _check_columns(ds.column_names, fetch)
+    check_filter_columns(ds.column_names, filters, allow_missing)  # before dropping the other columns
     # Only the needed columns: GRIT's box lists alone would multiply the memory needed.
     return ds.select_columns([c for c in columns if c in ds.column_names]).to_pandas()
 
@@ -144,7 +164,10 @@ def _stats(out: Path) -> dict[str, Any]:
 
 def prepare_recipe(data: Mapping, out: str | Path, *, max_samples: int | None = None, processes: int = 1,
                    threads: int = 4, table: str | None = None, samples_per_shard: int = 1000) -> dict[str, Any]:
-    """Filter the recipe's table, write <out>/_table.parquet, download it into <out>/NNNNN.tar."""
+    """Filter the recipe's table, write <out>/_table.parquet, download it into <out>/NNNNN.tar.
+
+    A filter on a column the table lacks fails, naming it, unless the recipe's
+    `allow_missing_columns` lists the column (training then skips that filter too)."""
     fetch = data.get("fetch")
     if not fetch:
         raise PrepareError("this data recipe has no `fetch` section: nothing to download")
@@ -157,6 +180,7 @@ def prepare_recipe(data: Mapping, out: str | Path, *, max_samples: int | None = 
 
     url_col, caption_col = fetch["url_column"], fetch["caption_column"]
     filters = dict(data.get("filters") or {})
+    allow_missing = list(data.get("allow_missing_columns") or [])
     min_size = int(data.get("min_size") or 0)
     wanted = list(dict.fromkeys([url_col, caption_col, *(fetch.get("extra_columns") or []), *filters,
                                  *(c for pair in SIZE_COLUMNS for c in pair),
@@ -166,11 +190,11 @@ def prepare_recipe(data: Mapping, out: str | Path, *, max_samples: int | None = 
         df = read_table(source)
         _check_columns(list(df.columns), fetch)
     elif fetch.get("dataset"):
-        df = _load_hub_table(fetch, wanted)
+        df = _load_hub_table(fetch, wanted, filters, allow_missing)
     else:
         raise PrepareError("no table: set data.fetch.dataset (hub id) or prepare.table=<local file>")
 
-    df, report = apply_filters(df, filters, caption_col, min_size)
+    df, report = apply_filters(df, filters, caption_col, min_size, allow_missing)
     if fetch.get("one_row_per"):
         df = df.drop_duplicates(fetch["one_row_per"])
         report.append((f"one row per {fetch['one_row_per']}", len(df)))

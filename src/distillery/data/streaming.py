@@ -71,6 +71,18 @@ def _check_filters(filters) -> dict[str, dict]:
     return out
 
 
+def check_allow_missing(columns, filters) -> list[str]:
+    """``allow_missing_columns`` as a list, each entry a column some filter reads."""
+    if columns is None:
+        return []
+    columns = [columns] if isinstance(columns, str) else [str(c) for c in columns]
+    unknown = [c for c in columns if c not in (filters or {})]
+    if unknown:
+        raise ValueError(f"allow_missing_columns names {unknown}, which no filter reads; "
+                         f"the filters read: {sorted(filters or {})}")
+    return columns
+
+
 def _passes(value, cond: dict) -> bool:
     if value is None:
         return False
@@ -99,7 +111,8 @@ CACHED_FIELDS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_em
 
 class StreamingDataset(torch.utils.data.IterableDataset):
     def __init__(self, source: Source, transform: ImageTransform, seed: int = 0, min_size: int = 0,
-                 caption_dropout: float = 0.0, filters: dict | None = None) -> None:
+                 caption_dropout: float = 0.0, filters: dict | None = None,
+                 allow_missing_columns: list[str] | None = None) -> None:
         super().__init__()
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
@@ -108,6 +121,9 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         self.source, self.transform = source, transform
         self.seed, self.min_size, self.caption_dropout = int(seed), int(min_size), float(caption_dropout)
         self.filters = _check_filters(filters)
+        # Filter columns the data may lack on purpose (a table without the score its recipe
+        # filters on): such a filter is not applied to a record without the column.
+        self.allow_missing = set(check_allow_missing(allow_missing_columns, self.filters))
         self.rank, self.world_size = 0, 1
         self.resume: list[int] | None = None
         self._empty_prompt: dict | None = None
@@ -124,6 +140,8 @@ class StreamingDataset(torch.utils.data.IterableDataset):
     def _prepare(self, record: dict, gen: torch.Generator):
         """A training sample (without the stream fields) or the reason to skip the record."""
         for column, cond in self.filters.items():
+            if column not in record and column in self.allow_missing:
+                continue
             if column not in record:
                 raise DataSourceError(
                     f"filter column {column!r} is missing from record {record.get('key')!r} of "

@@ -12,6 +12,7 @@ import datetime
 import json
 import logging
 import platform
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -64,7 +65,7 @@ def load_model(spec: str, label: str = "model", ema: bool = False, seed: int = 0
 
         ckpt = load_checkpoint(path)
         info = dict(ckpt["distillery"], step=int(ckpt.get("global_step", 0)), ema=bool(ema))
-        unet = student_from_checkpoint(ckpt, ema=ema)
+        unet = student_from_checkpoint(ckpt, ema=ema, source=path)
         parts = load_teacher(info["teacher"], seed=info.get("teacher_seed", 0))
         parts.unet = unet
         return EvalModel(label, "student", str(path.resolve()), parts, info)
@@ -146,6 +147,7 @@ class EvalSettings:
     pipeline_latency: bool = True
     grid_images: int = 8
     sampler: str = ""  # the scheduler class, for the record
+    teacher_cache: str | None = None  # folder of cached teacher images; None: always generate
 
     @property
     def judge_resolution(self) -> int:
@@ -160,6 +162,10 @@ class _ModelScores:
         self.clip = ClipScore(settings.clip_model, device) if settings.clip_model else None
         self.means = RunningMeans()
         self.grid: list[Image.Image] = []
+        self.cache_key: dict | None = None
+        self.cached: Tensor | None = None  # the teacher's images, from the cache
+        self.drawn: list[Tensor] | None = None  # the teacher's images, collected for the cache
+        self.seconds = {"images": 0.0, "metrics": 0.0, "latency": 0.0}
 
 
 def _generate(pipe, prompts: list[str], first_index: int, s: EvalSettings) -> list[Image.Image]:
@@ -179,10 +185,13 @@ def evaluate_models(models: Sequence[EvalModel], prompts: Sequence[str], setting
                     device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32,
                     progress: bool = True) -> list[dict]:
     """Figures for each model. ``distance`` holds the FID reference features (None: no FID);
-    models after the first are also compared image by image with the first."""
+    models after the first are also compared image by image with the first. A teacher's images
+    come from ``settings.teacher_cache`` when an earlier evaluation drew them with the same key,
+    and are stored there otherwise; its figures are measured on them either way."""
     from tqdm.auto import tqdm
 
     from distillery.eval.latency import pipeline_latency, unet_latency
+    from distillery.eval.teacher_cache import TeacherCache, to_pil, to_uint8
     from distillery.inspect import unet_macs
     from distillery.sampling import build_sampler, make_pipeline
 
@@ -193,6 +202,7 @@ def evaluate_models(models: Sequence[EvalModel], prompts: Sequence[str], setting
     judge = s.judge_resolution
     extra = prompt_metrics(s.prompt_metrics)
     agree_fns = _agreement_fns(extra)
+    cache = TeacherCache.from_setting(s.teacher_cache)
     pipes, scores = [], []
     for m in models:
         if dtype is not None:  # None: the models are already placed (a training run's own)
@@ -201,8 +211,22 @@ def evaluate_models(models: Sequence[EvalModel], prompts: Sequence[str], setting
         pipe = make_pipeline(m.parts, m.unet, sampler)
         pipe.set_progress_bar_config(disable=True)
         pipes.append(pipe)
-        scores.append(_ModelScores(s, distance, device))
+        sc = _ModelScores(s, distance, device)
+        scores.append(sc)
         s.sampler = type(sampler).__name__
+        if cache is not None and m.role == "teacher":
+            sc.cache_key = cache.key(m.parts, sampler, prompts, s, device)
+            if sc.cache_key is None:
+                log.info("%s: the teacher has no weights file to identify it by: its images are not cached", m.label)
+            else:
+                t0 = time.perf_counter()
+                sc.cached = cache.load(sc.cache_key)
+                sc.seconds["images"] += time.perf_counter() - t0
+                if sc.cached is not None:
+                    log.info("%s: the teacher's %d images come from the cache %s", m.label, len(prompts),
+                             cache.path(sc.cache_key))
+                else:
+                    sc.drawn = []
     compare = [RunningMeans() for _ in models]
 
     bar = tqdm(total=len(prompts) * len(models), desc="Generating", unit="img", disable=not progress)
@@ -210,7 +234,15 @@ def evaluate_models(models: Sequence[EvalModel], prompts: Sequence[str], setting
         batch = prompts[lo:lo + s.batch_size]
         first_images = None
         for k, (pipe, sc) in enumerate(zip(pipes, scores)):
-            pil = _generate(pipe, batch, lo, s)
+            t0 = time.perf_counter()
+            if sc.cached is not None:
+                pil = to_pil(sc.cached[lo:lo + len(batch)])
+            else:
+                pil = _generate(pipe, batch, lo, s)
+                if sc.drawn is not None:
+                    sc.drawn.append(to_uint8(pil))
+            t1 = time.perf_counter()
+            sc.seconds["images"] += t1 - t0
             if len(sc.grid) < s.grid_images:
                 sc.grid.extend(pil[: s.grid_images - len(sc.grid)])
             images = to_tensor(pil, judge)
@@ -228,11 +260,18 @@ def evaluate_models(models: Sequence[EvalModel], prompts: Sequence[str], setting
                     a, b = fn.predict(images), fn.predict(first_images)
                     values[f"{name}_agreement"] = sum(x == y for x, y in zip(a, b)) / len(a)
                 compare[k].update(values, len(batch))
+            sc.seconds["metrics"] += time.perf_counter() - t1
             bar.update(len(batch))
     bar.close()
+    for sc in scores:
+        if sc.drawn is not None:
+            stored = cache.store(sc.cache_key, torch.cat(sc.drawn))
+            if stored is not None:
+                log.info("the teacher's images are cached in %s", stored)
 
     results = []
     for k, (m, pipe, sc) in enumerate(zip(models, pipes, scores)):
+        t0 = time.perf_counter()
         figures: dict[str, Any] = {"params": sum(p.numel() for p in m.unet.parameters())}
         latent = s.resolution // pipe.vae_scale_factor
         # unet_macs counts at latents of resolution // 8: ask for the size that gives ours.
@@ -244,6 +283,8 @@ def evaluate_models(models: Sequence[EvalModel], prompts: Sequence[str], setting
         figures.update(sc.means.compute())
         if k > 0:
             figures.update({f"vs_{models[0].label}/{name}": v for name, v in compare[k].compute().items()})
+        t1 = time.perf_counter()
+        sc.seconds["metrics"] += t1 - t0
         latency: dict[str, list] = {}
         if s.latency_batch_sizes:
             rows_unet = unet_latency(m.unet, latent, s.latency_batch_sizes, s.latency_warmup, s.latency_repeats)
@@ -254,7 +295,13 @@ def evaluate_models(models: Sequence[EvalModel], prompts: Sequence[str], setting
                                          s.resolution, warmup=1, repeats=max(1, s.latency_repeats // 3))
             latency["pipeline"] = rows_pipe
             figures["pipeline_latency_s"] = rows_pipe[0]["per_image_s"]
-        results.append({**m.identity(), "metrics": figures, "latency": latency, "grid_images": sc.grid})
+        sc.seconds["latency"] = time.perf_counter() - t1
+        record = {**m.identity(), "metrics": figures, "latency": latency,
+                  "eval_seconds": {part: round(v, 3) for part, v in sc.seconds.items()}, "grid_images": sc.grid}
+        if sc.cache_key is not None:  # where the teacher's images came from, or were stored
+            record["teacher_cache"] = {"hit": sc.cached is not None, "entry": str(cache.path(sc.cache_key)),
+                                       "key": sc.cache_key}
+        results.append(record)
     return results
 
 
@@ -352,6 +399,9 @@ def settings_from_config(cfg, data, scheduler) -> EvalSettings:
     sizes = plain(m.latency.batch_sizes) or []
     if not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):
         problems.append(f"metrics.latency.batch_sizes={sizes!r} must be a list of positive integers")
+    cache = cfg.get("teacher_cache")
+    if cache is not None and cache is not False and not (isinstance(cache, str) and cache):
+        problems.append(f"teacher_cache={cache!r} must be a folder, or null/false to generate the teacher's images every time")
     if problems:
         raise EvalError("invalid eval config:\n  - " + "\n  - ".join(problems))
     resolution = int(cfg.resolution or data.resolution)
@@ -364,6 +414,7 @@ def settings_from_config(cfg, data, scheduler) -> EvalSettings:
         prompt_metrics=plain(m.prompt_metrics) or {}, latency_batch_sizes=sizes,
         latency_warmup=int(m.latency.warmup), latency_repeats=int(m.latency.repeats),
         pipeline_latency=bool(m.latency.pipeline), grid_images=int(cfg.grid_images),
+        teacher_cache=cache or None,
     )
 
 

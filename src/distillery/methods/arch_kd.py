@@ -108,6 +108,8 @@ class ArchKD(L.LightningModule):
         if "prompt_embeds" in batch:  # from a latent cache
             text = batch["prompt_embeds"].to(self.device)
             pooled = batch["pooled_prompt_embeds"].to(self.device) if "pooled_prompt_embeds" in batch else None
+            if "caption" in batch:  # the teacher pipeline's setting decides, whatever the cache holds
+                text, pooled = self.teacher.unconditional_for_dropped(list(batch["caption"]), text, pooled)
         else:
             text, pooled = self.teacher.encode_prompts(list(batch["caption"]), self.device)
         if pooled is None:

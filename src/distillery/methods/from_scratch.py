@@ -215,11 +215,14 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
 def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: list) -> dict[str, Any]:
     """Save the trained pipeline to <run>/teacher and draw its samples of the sample prompts."""
+    from distillery.models.tokenizer import complete_pipeline_tokenizers
     from distillery.sampling import build_sampler, generate, grid
 
     model: TrainFromScratch = parts["model"]
     out = run_dir / "teacher"
-    model.pipeline().save_pretrained(out, safe_serialization=True)
+    pipe = model.pipeline()
+    pipe.save_pretrained(out, safe_serialization=True)
+    complete_pipeline_tokenizers(pipe, out)  # loadable with transformers 4 as well as 5
     sampler, steps = build_sampler(cfg.scheduler, model.sampling_scheduler)
     prompts = list(cfg.eval.prompts)
     images = generate(model.pipeline(sampler), prompts, cfg.eval.seed, steps, cfg.eval.guidance_scale,

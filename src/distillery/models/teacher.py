@@ -9,6 +9,7 @@ betas and prediction type) and the teacher's own sampling scheduler for sample g
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,15 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16,
 }
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# What a teacher folder holds (as Pipeline.save_pretrained writes it): subfolder -> the file that
+# marks it complete. SDXL adds the second text encoder and tokenizer.
+SD_PARTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+            "tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
+SDXL_EXTRA_PARTS = {"text_encoder_2": "config.json", "tokenizer_2": "tokenizer_config.json"}
+ENCODER_PARTS = ("vae", "text_encoder", "text_encoder_2")  # not loaded when training from a latent cache
+FOLDER_LAYOUT = ("a teacher folder holds model_index.json, " + ", ".join(f"{p}/" for p in SD_PARTS)
+                 + " (SDXL: also " + ", ".join(f"{p}/" for p in SDXL_EXTRA_PARTS) + "), "
+                 "as StableDiffusionPipeline / StableDiffusionXLPipeline.save_pretrained writes it")
 
 
 class TeacherLoadError(ValueError):
@@ -46,10 +56,18 @@ class Teacher:
     sampling_scheduler: Any  # the pipeline's own scheduler (PNDM for SD 1.x), kept for export
     text_encoder_2: nn.Module | None = None  # SDXL: OpenCLIP ViT-bigG with projection
     tokenizer_2: Any = None
+    # SDXL pipelines' config flag (model_index.json; diffusers defaults it to True): the
+    # unconditional branch of classifier-free guidance uses zero prompt and pooled embeddings,
+    # not the encoding of "". Training's dropped captions must match what inference feeds.
+    force_zeros_for_empty_prompt: bool = True
 
     @property
     def is_sdxl(self) -> bool:
         return self.unet.config.get("addition_embed_type") == "text_time"
+
+    @property
+    def zeros_for_dropped_caption(self) -> bool:
+        return self.is_sdxl and bool(self.force_zeros_for_empty_prompt)
 
     @property
     def prediction_type(self) -> str:
@@ -77,6 +95,11 @@ class Teacher:
         SD: the text encoder's last hidden state. SDXL: the penultimate hidden states of both
         encoders, concatenated on the feature axis, and the projected pooled output of the
         second encoder.
+
+        The caption "" is how the data marks a caption dropped for classifier-free guidance (an
+        empty real caption is skipped): for an SDXL teacher with ``force_zeros_for_empty_prompt``
+        it gets zeros for both, as ``StableDiffusionXLPipeline.encode_prompt`` gives its
+        unconditional branch.
         """
         def ids(tok):
             return tok(captions, padding="max_length", max_length=tok.model_max_length,
@@ -89,7 +112,19 @@ class Teacher:
             out = enc(ids(tok), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # the second encoder's projected pooled embedding
-        return torch.cat(hidden, dim=-1), pooled
+        return self.unconditional_for_dropped(captions, torch.cat(hidden, dim=-1), pooled)
+
+    def unconditional_for_dropped(self, captions: list[str], text: torch.Tensor,
+                                  pooled: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Zero the embeddings of the dropped captions ("") when the pipeline zeros its
+        unconditional branch; unchanged otherwise."""
+        if not self.zeros_for_dropped_caption or pooled is None:
+            return text, pooled
+        dropped = torch.tensor([c == "" for c in captions], device=text.device)
+        if not dropped.any():
+            return text, pooled
+        return (text.masked_fill(dropped.view(-1, 1, 1), 0.0),
+                pooled.masked_fill(dropped.view(-1, *[1] * (pooled.dim() - 1)), 0.0))
 
 
 def place(module: nn.Module, device=None, dtype: torch.dtype | None = None) -> nn.Module:
@@ -130,12 +165,80 @@ def teacher_from_components(source: str, parts: dict) -> Teacher:
         tokenizer=parts["tokenizer"], noise_scheduler=parts["scheduler"],
         sampling_scheduler=parts["sampling_scheduler"],
         text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
+        force_zeros_for_empty_prompt=bool(parts.get("force_zeros_for_empty_prompt", True)),
     )
 
 
 def teacher_path(source: str) -> str:
     """A shipped teacher's name -> its pipeline folder; anything else unchanged."""
     return str(SHIPPED_TEACHERS[source]) if source in SHIPPED_TEACHERS else source
+
+
+def vae_downsampling_factor(vae_config) -> int:
+    """Pixels per latent side: one downsampling per VAE level after the first (8 for SD's and
+    SDXL's four-level VAEs; other teachers differ)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def resolution_problem(resolution: int, factor: int, teacher: str) -> str | None:
+    """Why ``resolution`` does not suit a VAE that downsamples by ``factor``, or None."""
+    if resolution % factor == 0:
+        return None
+    lower = resolution - resolution % factor
+    return (f"data.resolution={resolution} is not a multiple of {factor}: the VAE of arch.teacher={teacher!r} "
+            f"downsamples by {factor}; use e.g. {lower or lower + factor} or {lower + factor}")
+
+
+def local_vae_factor(source: str) -> int | None:
+    """The VAE's downsampling factor read from the config of a local teacher folder (a shipped
+    teacher's included) without loading weights; None where only loading tells (a hub id, a tiny
+    teacher, a folder without vae/config.json)."""
+    config = Path(teacher_path(source)).expanduser() / "vae" / "config.json"
+    try:
+        return vae_downsampling_factor(json.loads(config.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def looks_like_path(source: str) -> bool:
+    """A value that can only mean a local folder: never tried as a hub id ("org/name")."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if source.startswith((".", "~", "/")) or "\\" in source or (os.altsep and os.altsep in source):
+        return True
+    if source.count("/") > 1:
+        return True
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return True
+    return False
+
+
+def check_teacher_folder(path: Path, shown: str, encoders: bool = True) -> dict:
+    """The folder's model_index.json, once every part the load needs is there; otherwise a
+    TeacherLoadError naming the folder and everything missing from it."""
+    where = f"arch.teacher={shown!r}: the teacher folder {path.absolute()}"
+    if not path.exists():
+        raise TeacherLoadError(f"{where} does not exist (a value that looks like a path is not looked up on the hub); {FOLDER_LAYOUT}")
+    if not path.is_dir():
+        raise TeacherLoadError(f"{where} is a file, not a folder; {FOLDER_LAYOUT}")
+    if not (path / "model_index.json").is_file():
+        raise TeacherLoadError(f"{where} is not a diffusers pipeline folder: it has no model_index.json; {FOLDER_LAYOUT}")
+    index = json.loads((path / "model_index.json").read_text())
+    parts = {**SD_PARTS, **(SDXL_EXTRA_PARTS if "text_encoder_2" in index else {})}
+    missing = []
+    for sub, marker in parts.items():
+        if not encoders and sub in ENCODER_PARTS:
+            continue
+        if not (path / sub).is_dir():
+            missing.append(f"{sub}/")
+        elif not (path / sub / marker).is_file():
+            missing.append(f"{sub}/{marker}")
+    if missing:
+        raise TeacherLoadError(f"{where} lacks {', '.join(missing)}; {FOLDER_LAYOUT}")
+    return index
 
 
 def load_teacher(source: str, seed: int = 0, encoders: bool = True) -> Teacher:
@@ -155,16 +258,12 @@ def load_teacher(source: str, seed: int = 0, encoders: bool = True) -> Teacher:
         return teacher_from_components(source, parts)
 
     path = Path(source).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise TeacherLoadError(
-                f"arch.teacher={source!r} is a folder but not a diffusers pipeline folder "
-                "(no model_index.json); expected the layout written by Pipeline.save_pretrained"
-            )
-        index = json.loads((path / "model_index.json").read_text())
+    if path.exists() or looks_like_path(source):
+        index = check_teacher_folder(path, name, encoders)
         source = str(path)
     else:
         index = None
+    from_folder = index is not None
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -194,10 +293,15 @@ def load_teacher(source: str, seed: int = 0, encoders: bool = True) -> Teacher:
     except Exception as err:  # hub, network and format errors all mean: no teacher
         raise TeacherLoadError(
             f"could not load the teacher pipeline arch.teacher={source!r}: {type(err).__name__}: {err}\n"
-            "arch.teacher takes a diffusers pipeline folder, a hub id (needs network or a filled "
-            f"HF cache), or '{TINY_RANDOM}' / '{TINY_RANDOM_XL}' for a tiny random SD / SDXL-shaped teacher."
+            + ("" if from_folder else f"(no folder {Path(source).expanduser().absolute()} exists, so it was "
+               "tried as a hub id)\n")
+            + "arch.teacher takes a diffusers pipeline folder, a hub id (needs network or a filled "
+            f"HF cache), or '{TINY_RANDOM}' / '{TINY_RANDOM_XL}' for a tiny random SD / SDXL-shaped teacher; "
+            f"{FOLDER_LAYOUT}."
         ) from err
 
+    # SDXL pipelines register it to their config (model_index.json); absent means diffusers' default.
+    parts["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
     if parts["scheduler"].config.prediction_type not in PREDICTION_TYPES:
         raise TeacherLoadError(
             f"teacher {source!r} has prediction_type={parts['scheduler'].config.prediction_type!r}; "

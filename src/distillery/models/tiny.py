@@ -188,9 +188,11 @@ def save_tiny_sd_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: s
     return out
 
 
-def tiny_sdxl_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
+def tiny_sdxl_components(seed: int = 0, prediction_type: str = "epsilon",
+                         force_zeros_for_empty_prompt: bool = True) -> dict:
     """unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler (DDPM, training)
-    and sampling_scheduler (Euler, as SDXL ships), all SDXL-shaped and tiny."""
+    and sampling_scheduler (Euler, as SDXL ships), all SDXL-shaped and tiny, and the pipeline's
+    force_zeros_for_empty_prompt flag (True, as SDXL base ships)."""
     _check_prediction_type(prediction_type)
     # Two instances of the same tokenizer. (SDXL's real tokenizer_2 pads with "!" rather than
     # <|endoftext|>; that changes the hidden states at pad positions, not the pooled output.)
@@ -220,15 +222,18 @@ def tiny_sdxl_components(seed: int = 0, prediction_type: str = "epsilon") -> dic
         "tokenizer_2": tokenizer_2,
         "scheduler": scheduler,
         "sampling_scheduler": sampling_scheduler,
+        "force_zeros_for_empty_prompt": bool(force_zeros_for_empty_prompt),
     }
 
 
-def tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionXLPipeline:
-    return _pipeline(tiny_sdxl_components(seed, prediction_type))
+def tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon",
+                       force_zeros_for_empty_prompt: bool = True) -> StableDiffusionXLPipeline:
+    return _pipeline(tiny_sdxl_components(seed, prediction_type, force_zeros_for_empty_prompt))
 
 
-def save_tiny_sdxl_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+def save_tiny_sdxl_pipeline(out_dir: str | Path, seed: int = 0, prediction_type: str = "epsilon",
+                            force_zeros_for_empty_prompt: bool = True) -> Path:
     """Save a tiny StableDiffusionXLPipeline folder that `from_pretrained(out_dir)` loads offline."""
     out = Path(out_dir)
-    tiny_sdxl_pipeline(seed, prediction_type).save_pretrained(out, safe_serialization=True)
+    tiny_sdxl_pipeline(seed, prediction_type, force_zeros_for_empty_prompt).save_pretrained(out, safe_serialization=True)
     return out

@@ -9,6 +9,11 @@ Layout follows CLIP: ids 0-255 are the byte-level base symbols, 256-511 the same
 Any ASCII text therefore stays encodable, and every given word becomes a single token.
 
 Run `python -m distillery.models.tokenizer` to rebuild the shipped shapes tokenizer.
+
+`complete_tokenizer_folder` makes a saved tokenizer folder load under both transformers majors:
+transformers 5 saves only tokenizer.json and tokenizer_config.json, while the slow CLIPTokenizer
+of transformers 4 (the class a diffusers pipeline's model_index.json names) reads vocab.json and
+merges.txt.
 """
 
 from __future__ import annotations
@@ -137,6 +142,53 @@ def _verify(folder: Path, words: list[str]) -> None:
         raise RuntimeError(f"words not encoded as a single token: {split}")
     if len(tok) != len(json.loads((folder / "vocab.json").read_text(encoding="utf-8"))):
         raise RuntimeError(f"tokenizer loaded with {len(tok)} tokens, not the vocabulary written")
+
+
+# Written by transformers 5 about the session that loaded the tokenizer, not about the tokenizer.
+_SESSION_KEYS = ("is_local", "local_files_only", "name_or_path")
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def complete_tokenizer_folder(tokenizer, folder: str | Path) -> Path:
+    """Add to a folder that ``tokenizer.save_pretrained`` wrote the files transformers 4 reads:
+    vocab.json and merges.txt (from the tokenizer's BPE model), special_tokens_map.json, and a
+    tokenizer_config.json that names the class, the maximum length and the special tokens."""
+    folder = Path(folder)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
+        backend.model.save(str(folder))  # vocab.json + merges.txt, as CLIP checkpoints ship them
+        # A special token added outside the BPE vocabulary still needs its id in vocab.json.
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        added = {tok.content: i for i, tok in tokenizer.added_tokens_decoder.items() if tok.content not in vocab}
+        if added:
+            vocab.update(added)
+            (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    elif not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        raise ValueError(f"cannot write vocab.json/merges.txt for a {type(tokenizer).__name__} "
+                         f"(backend model {type(backend.model).__name__ if backend else None}); expected a CLIP BPE tokenizer")
+
+    specials = {k: str(getattr(tokenizer, k)) for k in SPECIAL_TOKEN_KEYS if getattr(tokenizer, k, None) is not None}
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    config = {k: v for k, v in config.items() if k not in _SESSION_KEYS}
+    config.setdefault("tokenizer_class", type(tokenizer).__name__.removesuffix("Fast"))
+    config["model_max_length"] = int(tokenizer.model_max_length)
+    config.update(specials)
+    config["added_tokens_decoder"] = {
+        str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                 "single_word": t.single_word, "special": t.special}
+        for i, t in sorted(tokenizer.added_tokens_decoder.items())
+    }
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+def complete_pipeline_tokenizers(pipe, folder: str | Path) -> list[Path]:
+    """``complete_tokenizer_folder`` for every tokenizer of a pipeline saved to ``folder``
+    (tokenizer, and tokenizer_2 for SDXL)."""
+    return [complete_tokenizer_folder(tok, Path(folder) / name)
+            for name, tok in pipe.components.items() if name.startswith("tokenizer") and tok is not None]
 
 
 def main() -> None:

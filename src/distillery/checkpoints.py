@@ -1,0 +1,153 @@
+"""Reading, checking and writing training checkpoints.
+
+A ``.ckpt`` file is a pickle: loaded with ``weights_only=False`` it can run any code it carries.
+Every checkpoint distillery writes (any method, precision, LR schedule or logger) holds only
+tensors, containers, strings and numbers, which torch's ``weights_only`` unpickler accepts as is,
+so nothing is added to its allow-list (``SAFE_GLOBALS``) and anything else is refused with a
+message. Checkpoints are written to a temporary file beside their target and renamed over it, so
+a full disk or a kill mid-write never leaves a truncated ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
+# Types beyond torch's weights_only defaults that distillery checkpoints may hold: none.
+SAFE_GLOBALS: list[Any] = []
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, truncated, unsafe, foreign or of another student."""
+
+
+def _unsafe_global(err: Exception) -> str | None:
+    """The global a weights_only load refused ("builtins.exec"), from torch's message."""
+    text = str(err)
+    for marker in ("Unsupported global: GLOBAL ", "GLOBAL "):
+        if marker in text:
+            return text.split(marker, 1)[1].split()[0].rstrip(".,:")
+    return None
+
+
+def _explain(path: Path, err: Exception) -> CheckpointError:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    size = path.stat().st_size
+    name = _unsafe_global(err) if isinstance(err, pickle.UnpicklingError) else None
+    if name or (head.startswith(b"PK") and isinstance(err, pickle.UnpicklingError)):
+        return CheckpointError(
+            f"checkpoint {str(path)!r} holds Python objects that are not plain data"
+            f"{f' ({name})' if name else ''}; a distillery checkpoint holds only tensors, numbers and strings. "
+            "It was not loaded, since unpickling it could run code: use a checkpoint written by a distillery run.")
+    if head.startswith(b"PK"):
+        try:
+            zipfile.ZipFile(path).close()
+        except zipfile.BadZipFile:
+            return CheckpointError(f"checkpoint {str(path)!r} is truncated or damaged ({size:,} bytes, its archive "
+                                   "has no end): it was probably cut short by a full disk or a killed run")
+        return CheckpointError(f"checkpoint {str(path)!r} does not load: {err}")
+    return CheckpointError(f"{str(path)!r} is not a PyTorch checkpoint ({size:,} bytes, not a torch.save archive)")
+
+
+def load_safely(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """``torch.load`` with ``weights_only=True``; every failure becomes a CheckpointError naming
+    the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # whatever the unpickler trips on, the file is what is wrong
+        raise _explain(path, err) from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{str(path)!r} holds a {type(ckpt).__name__}, not a training checkpoint")
+    return ckpt
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """A distillery training checkpoint, loaded safely and checked to be one."""
+    ckpt = load_safely(path, mmap=mmap)
+    if "distillery" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"{str(path)!r} is not a distillery training checkpoint (no student description in it; "
+            f"it holds {', '.join(map(str, list(ckpt)[:6])) or 'nothing'})")
+    return ckpt
+
+
+def check_same_run(path: str | Path, ckpt: dict, export_info: dict) -> None:
+    """Refuse to resume from a checkpoint of another student: the weights would not fit."""
+    saved = ckpt.get("distillery") or {}
+    problems = []
+    for key in ("method", "arch"):
+        if key in saved and key in export_info and saved[key] != export_info[key]:
+            problems.append(f"{key}={saved[key]} (this run: {key}={export_info[key]})")
+    for key in ("student_config", "components"):
+        if not problems and key in saved and key in export_info and \
+                _plain(saved[key]) != _plain(export_info[key]):
+            problems.append(f"another student architecture ({key} differs)")
+    if problems:
+        raise CheckpointError(f"checkpoint {str(path)!r} was written by a run of " + "; ".join(problems)
+                              + ": resume it with that run's overrides, or train this one into a new folder")
+
+
+def _plain(value: Any) -> Any:
+    """Config values as JSON would keep them (tuples and lists alike)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def newest_loadable(folder: Path, exclude: Path | None = None) -> tuple[Path, dict] | None:
+    """The most recently written checkpoint of ``folder`` that loads, with its content."""
+    candidates = sorted((p for p in folder.glob("*.ckpt") if p != exclude), key=lambda p: p.stat().st_mtime,
+                        reverse=True)
+    for path in candidates:
+        try:
+            return path, read_checkpoint(path, mmap=True)
+        except CheckpointError:
+            continue
+    return None
+
+
+def save_atomically(checkpoint: dict, path: str | Path) -> None:
+    """Write to a temporary file in the target's folder, flush it to disk, then rename it over the
+    target: a reader sees the old file or the new one, never a part of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O with the two guarantees above: atomic local writes, and loads
+    (a resume's included) that never unpickle code."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: fsspec's own transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        save_atomically(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Optional[Callable] = None, weights_only: Optional[bool] = None
+                        ) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return load_safely(path, map_location=map_location if map_location is not None else "cpu")
