@@ -1,6 +1,6 @@
 """Reading, checking and writing training checkpoints.
 
-A ``.ckpt`` file is a pickle: loaded with ``weights_only=False`` it can run any code it carries.
+A ``.ckpt`` file is a pickle: loaded by the full unpickler it can run any code it carries.
 Every checkpoint distillery writes (any method, precision, LR schedule or logger) holds only
 tensors, containers, strings and numbers, which torch's ``weights_only`` unpickler accepts as is,
 so nothing is added to its allow-list (``SAFE_GLOBALS``) and anything else is refused with a
