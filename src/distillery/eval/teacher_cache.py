@@ -32,55 +32,29 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distillery.fingerprint import file_fingerprint, teacher_folder
+
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2
 # The pipeline folder's parts a Teacher loads (model_index.json names the classes).
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-SAMPLE = 1 << 20  # bytes hashed at the head, middle and tail of a weights file
 
 
-def file_fingerprint(path: Path) -> dict[str, Any]:
-    """Size, mtime and a hash of the head (a safetensors header: every tensor's name, shape and
-    offset), the middle and the tail: changes when the weights are saved again, without reading
-    gigabytes. Files up to three samples long are hashed whole."""
-    st = path.stat()
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        if st.st_size <= 3 * SAMPLE:
-            h.update(f.read())
-        else:
-            for offset in (0, st.st_size // 2, st.st_size - SAMPLE):
-                f.seek(offset)
-                h.update(f.read(SAMPLE))
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_sampled": h.hexdigest()}
-
-
-def _snapshot(source: str) -> Path | None:
-    """A hub id's snapshot folder in the local HF cache (its name is the commit)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(source, local_files_only=True))
-    except Exception:  # not a hub id, or not in the cache: nothing on disk to fingerprint
-        return None
+def _file_identity(path: Path) -> dict[str, Any]:
+    """The shared sampled fingerprint of a file, and its mtime: saved again, it draws again."""
+    return {"fingerprint": file_fingerprint(path), "mtime_ns": path.stat().st_mtime_ns}
 
 
 def teacher_identity(parts) -> dict[str, Any] | None:
     """The teacher's folder (resolved) and fingerprints of its component files; a teacher built
     in memory (``tiny-random``) by a hash of its parameters; None when neither is possible."""
-    from distillery.models.teacher import teacher_path
-
-    source = teacher_path(str(parts.source))
-    folder = Path(source).expanduser()
-    if not folder.is_dir():
-        folder = _snapshot(source)
+    folder = teacher_folder(str(parts.source))
     if folder is not None and (folder / "model_index.json").is_file():
-        folder = folder.resolve()
-        files = {"model_index.json": file_fingerprint(folder / "model_index.json")}
+        files = {"model_index.json": _file_identity(folder / "model_index.json")}
         for name in COMPONENTS:
             for f in sorted((folder / name).glob("*")) if (folder / name).is_dir() else []:
                 if f.is_file():
-                    files[f"{name}/{f.name}"] = file_fingerprint(f)
+                    files[f"{name}/{f.name}"] = _file_identity(f)
         return {"folder": str(folder), "files": files}
     modules = parts.frozen_modules
     if sum(p.numel() for m in modules.values() for p in m.parameters()) > 50_000_000:
