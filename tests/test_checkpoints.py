@@ -69,7 +69,7 @@ def test_resume_keeps_the_csv_log_the_bar_label_and_writes_atomically(first_run,
     run = _copy(first_run, tmp_path / "run")
     renames = []
     real_replace = os.replace
-    monkeypatch.setattr("distillery.checkpoints.os.replace",
+    monkeypatch.setattr("distillery.files.os.replace",
                         lambda src, dst: (renames.append((Path(src), Path(dst))), real_replace(src, dst))[1])
     capsys.readouterr()
     result = train(compose_train([*_common(tiny_sd_folder), "trainer.max_steps=4", "ckpt_path=last",

@@ -10,15 +10,15 @@ a full disk or a kill mid-write never leaves a truncated ``last.ckpt``.
 
 from __future__ import annotations
 
-import os
 import pickle
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+
+from distillery.files import atomic_open
 
 # Types beyond torch's weights_only defaults that distillery checkpoints may hold: none.
 SAFE_GLOBALS: list[Any] = []
@@ -121,20 +121,9 @@ def newest_loadable(folder: Path, exclude: Path | None = None) -> tuple[Path, di
 
 
 def save_atomically(checkpoint: dict, path: str | Path) -> None:
-    """Write to a temporary file in the target's folder, flush it to disk, then rename it over the
-    target: a reader sees the old file or the new one, never a part of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """``torch.save`` through ``atomic_open``: a reader sees the old file or the new one."""
+    with atomic_open(path) as f:
+        torch.save(checkpoint, f)
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

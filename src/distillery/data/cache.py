@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -35,7 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from distillery.fingerprint import file_fingerprint, teacher_folder
+from distillery.files import atomic_open, file_fingerprint, teacher_folder
 
 from distillery.data.sources import DataSourceError
 
@@ -249,13 +248,9 @@ def check_stamp(cache_dir, expected: dict, ignore: Iterable[str] = ()) -> None:
 
 # ---- building ---------------------------------------------------------------------------------------
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write next to the target and rename: a killed build never leaves a half file under the final name."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    """A killed build never leaves a half file under the final name."""
+    with atomic_open(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> dict:

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distillery.fingerprint import file_fingerprint, teacher_folder
+from distillery.files import atomic_open, file_fingerprint, teacher_folder
 
 log = logging.getLogger(__name__)
 FORMAT = 2
@@ -147,21 +146,16 @@ class TeacherCache:
     def store(self, key: dict, images: torch.Tensor) -> Path | None:
         """Write an entry atomically (a temporary file beside it, renamed); None if the folder
         cannot be written (warned: the evaluation itself is not lost)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = self.path(key)
-        tmp = None
+        data = save({"images": images.contiguous()}, metadata={"key": json.dumps(key, sort_keys=True),
+                                                                "format": str(FORMAT)})
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-            os.close(fd)
-            save_file({"images": images.contiguous()}, tmp,
-                      metadata={"key": json.dumps(key, sort_keys=True), "format": str(FORMAT)})
-            os.replace(tmp, path)
+            with atomic_open(path) as f:
+                f.write(data)
         except OSError as err:
             log.warning("could not write the teacher cache entry %s: %s", path, err)
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
             return None
         return path
 

@@ -1,13 +1,39 @@
-"""Cheap identities of teacher files: which folder a teacher is read from, and a fingerprint of
-a weight file from a few reads. The latent cache's stamp and the teacher-evaluation cache's key
-both use them, so a teacher replaced in place is noticed by either."""
+"""Files: atomic writes, and cheap identities of teacher files.
+
+Checkpoints, latent-cache shards and teacher-evaluation entries are all written through
+``atomic_open``: a temporary file beside the target, flushed to disk and renamed over it, so a
+reader sees the old file or the new one, never a part of one. Which folder a teacher is read
+from and a fingerprint of a weight file from a few reads are shared by the latent cache's stamp
+and the teacher-evaluation cache's key, so a teacher replaced in place is noticed by either."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 _SLICES, _SLICE_BYTES = 16, 1 << 16
+
+
+@contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: renamed over it once the block ends without an
+    error, removed otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def file_fingerprint(path) -> str:
