@@ -179,12 +179,55 @@ def _check_from_scratch(cfg: DictConfig, problems: list[str]) -> None:
                         f"downsamples by {2 ** (len(levels) - 1)} and the U-Net's latents by 8")
 
 
+def _check_step_method(cfg: DictConfig, problems: list[str]) -> None:
+    """Progressive and guided distillation: the round schedule, the guidance weights, the loss
+    weighting, the student folder."""
+    from distillery.rounds import schedule_problems
+
+    m = cfg.method
+    guided = str(m._target_).endswith("GuidedDistillation")
+    rounds = OmegaConf.to_container(m.rounds, resolve=True) if OmegaConf.is_config(m.rounds) else m.rounds
+    spr = m.get("steps_per_round")
+    spr = OmegaConf.to_container(spr, resolve=True) if OmegaConf.is_config(spr) else spr
+    problems.extend(schedule_problems(rounds, m.get("teacher_steps"), OmegaConf.select(cfg, "trainer.max_steps"),
+                                      spr, guidance_round=guided))
+    from distillery.methods.progressive import WEIGHTINGS
+
+    if m.get("weighting") not in WEIGHTINGS:
+        problems.append(f"method.weighting={m.get('weighting')!r} is not one of {', '.join(WEIGHTINGS)}")
+    g = m.get("guidance_scale")
+    if not isinstance(g, (int, float)) or g < 1:
+        problems.append(f"method.guidance_scale={g!r} must be a number >= 1 (1: the teacher's conditional model, "
+                        "no classifier-free guidance)")
+    if guided:
+        lo, hi = m.get("w_min"), m.get("w_max")
+        if not all(isinstance(w, (int, float)) for w in (lo, hi)):
+            problems.append(f"method.w_min={lo!r} and method.w_max={hi!r} must be numbers (guidance scales)")
+        elif lo > hi:
+            problems.append(f"method.w_min={lo} > method.w_max={hi}: the guidance weights are drawn from "
+                            "[w_min, w_max]")
+        elif lo < 1:
+            problems.append(f"method.w_min={lo} must be >= 1 (diffusers' guidance_scale convention: 1 is the "
+                            "conditional model)")
+        dim = m.get("w_embedding_dim")
+        if not isinstance(dim, int) or dim < 2 or dim % 2:
+            problems.append(f"method.w_embedding_dim={dim!r} must be an even integer >= 2")
+    student = m.get("student")
+    if student is not None:
+        path = Path(str(student)).expanduser()
+        if not ((path / "unet" / "config.json").is_file() or (path / "config.json").is_file()):
+            problems.append(f"method.student={student!r} is not a pipeline folder with unet/ nor a U-Net folder "
+                            "(no config.json): give an exported student (<run>/student), or null")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing every problem of a composed training config."""
     problems: list[str] = []
     if OmegaConf.select(cfg, "method.runner") is None:  # distillation: a teacher, a student rule, a KD loss
         _check_arch(cfg.arch, problems)
         _check_loss(cfg.loss, problems)
+        if OmegaConf.select(cfg, "method.rounds") is not None:
+            _check_step_method(cfg, problems)
     else:  # a whole pipeline trained from scratch: no teacher, no student
         _check_from_scratch(cfg, problems)
     _positive_int(cfg, "data.batch_size", problems)

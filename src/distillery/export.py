@@ -64,11 +64,37 @@ def student_from_checkpoint(ckpt: dict, ema: bool = False, source: str | Path = 
     return unet
 
 
+def _sampling_lines(info: dict) -> tuple[str, int, float | None]:
+    """The model card's lines on how the student samples, its step count and guidance scale."""
+    sampling = info.get("sampling")
+    if not sampling:
+        return "", 25, None
+    steps, scale = int(sampling["num_inference_steps"]), float(sampling["guidance_scale"])
+    lines = [f"- step-distilled ({info.get('method')}): samples in **{steps} DDIM steps** "
+             f"({sampling.get('timestep_spacing', 'trailing')} timestep spacing; the scheduler in this folder)"]
+    if "guidance_range" in sampling:
+        lo, hi = sampling["guidance_range"]
+        lines.append(f"- guidance-conditioned: any guidance_scale in [{lo}, {hi}], one U-Net call per step "
+                     "(the pipeline passes it as the U-Net's timestep_cond)")
+    elif sampling.get("distilled_guidance_scale", 1.0) != 1.0:
+        lines.append(f"- the teacher's guidance scale {sampling['distilled_guidance_scale']} is distilled in: "
+                     "sample with guidance_scale=1 (one U-Net call per step)")
+    if "round" in info:
+        lines.append(f"- round {info['round']} of the rounds {info.get('rounds_schedule')}")
+    return "\n".join(lines) + "\n", steps, scale
+
+
 def model_card(info: dict, step: int, ema: bool, params: int, pipeline: str = "StableDiffusionPipeline",
                checkpoint: str | None = None) -> str:
     teacher = info["teacher"]
     base = f"base_model: {teacher}\n" if "/" in teacher and not Path(teacher).exists() else ""
     loss = info.get("loss", {})
+    sampling, steps, scale = _sampling_lines(info)
+    call = f"num_inference_steps={steps}" + (f", guidance_scale={scale}" if scale is not None else "")
+    what = "A Stable Diffusion U-Net" if info.get("arch") == "copy" else "A block-removed Stable Diffusion U-Net"
+    losses = "" if info.get("sampling") else (
+        f"- loss: task {loss.get('task')} + {loss.get('output')} x output KD + {loss.get('feature')} x feature KD "
+        f"over {len(info.get('feature_pairs', []))} feature pairs\n")
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -76,30 +102,30 @@ tags: [stable-diffusion, knowledge-distillation, distillery, {info['arch']}]
 {base}---
 # {info['arch']} student of `{teacher}`
 
-A block-removed Stable Diffusion U-Net ({params:,} parameters) distilled with **distillery**
+{what} ({params:,} parameters) distilled with **distillery**
 from the teacher `{teacher}` for {step:,} optimizer steps{' (EMA weights)' if ema else ''}.
-The VAE, text encoder, tokenizer and scheduler are the teacher's.
+The VAE, text encoder and tokenizer are the teacher's.
 
 - student rule: `{json.dumps(info.get('rule', {}))}`
-- loss: task {loss.get('task')} + {loss.get('output')} x output KD + {loss.get('feature')} x feature KD over {len(info.get('feature_pairs', []))} feature pairs
-- prediction type: {info.get('prediction_type')}; training resolution: {info.get('resolution')} px
+{losses}{sampling}- prediction type: {info.get('prediction_type')}; training resolution: {info.get('resolution')} px
 {f"- exported from the training checkpoint `{checkpoint}` (step {step:,})" if checkpoint else ""}
 
 ```python
 from diffusers import {pipeline}
 pipe = {pipeline}.from_pretrained("<this folder>")
-image = pipe("a prompt", num_inference_steps=25).images[0]
+image = pipe("a prompt", {call}).images[0]
 ```
 """
 
 
-def export_student(ckpt_path: str | Path, out_dir: str | Path, ema: bool = False,
-                   teacher: Teacher | None = None) -> Path:
-    ckpt = load_checkpoint(ckpt_path)
-    info: dict[str, Any] = ckpt["distillery"]
-    unet = student_from_checkpoint(ckpt, ema=ema, source=ckpt_path)
-    if teacher is None:
-        teacher = load_teacher(info["teacher"], seed=info.get("teacher_seed", 0))
+def write_export(unet, info: dict, out_dir: str | Path, teacher: Teacher, step: int, ema: bool = False,
+                 checkpoint: str | None = None) -> Path:
+    """A diffusers pipeline folder of the teacher's VAE, text encoder(s) and tokenizer(s) with
+    ``unet``, its scheduler the teacher's own or, for a step-distilled student (``info['sampling']``),
+    the DDIM scheduler it was distilled for; a model card and ``distillery.json``."""
+    from distillery.schedule import step_scheduler
+
+    scheduler = step_scheduler(teacher) if info.get("sampling") else None
     # The frozen parts may sit on a GPU in bf16 inside a training run: save float32 copies of
     # their weights (as the hub pipelines ship) and give them back as they were.
     frozen = [m for name, m in teacher.frozen_modules.items() if name != "teacher_unet"]
@@ -109,18 +135,33 @@ def export_student(ckpt_path: str | Path, out_dir: str | Path, ema: bool = False
     try:
         for module in frozen:
             place(module, "cpu", torch.float32)
-        pipe = make_pipeline(teacher, unet)
+        pipe = make_pipeline(teacher, unet, scheduler)
         pipe.save_pretrained(out, safe_serialization=True)
         complete_pipeline_tokenizers(pipe, out)  # loadable with transformers 4 as well as 5
     finally:
         for module, (device, dtype) in zip(frozen, placement):
             place(module, device, dtype)
     params = sum(p.numel() for p in unet.parameters())
-    checkpoint = str(Path(ckpt_path).resolve())
-    card = model_card(info, int(ckpt.get("global_step", 0)), ema, params, type(pipe).__name__, checkpoint)
+    card = model_card(info, step, ema, params, type(pipe).__name__, checkpoint)
     (out / "README.md").write_text(card)
-    # What the student is (arch, teacher, rule, loss, step, source checkpoint): evaluation and
-    # notebooks read it.
-    record = {**info, "step": int(ckpt.get("global_step", 0)), "ema": bool(ema), "checkpoint": checkpoint}
+    # What the student is (arch, teacher, rule, loss, step, source checkpoint, how it samples):
+    # evaluation and notebooks read it.
+    record = {**info, "step": int(step), "ema": bool(ema), "checkpoint": checkpoint}
+    if info.get("sampling"):
+        record["num_inference_steps"] = int(info["sampling"]["num_inference_steps"])
+        record["scheduler"] = type(scheduler).__name__
     (out / "distillery.json").write_text(json.dumps(record, indent=2, default=str))
     return out
+
+
+def export_student(ckpt_path: str | Path, out_dir: str | Path, ema: bool = False,
+                   teacher: Teacher | None = None) -> Path:
+    ckpt = load_checkpoint(ckpt_path)
+    info: dict[str, Any] = dict(ckpt["distillery"])
+    unet = student_from_checkpoint(ckpt, ema=ema, source=ckpt_path)
+    if teacher is None:
+        teacher = load_teacher(info["teacher"], seed=info.get("teacher_seed", 0))
+    if "rounds" in ckpt and info.get("sampling"):
+        info["round"] = int(ckpt["rounds"]["round"])
+    return write_export(unet, info, out_dir, teacher, int(ckpt.get("global_step", 0)), ema,
+                        str(Path(ckpt_path).resolve()))

@@ -89,6 +89,8 @@ def preflight(cfg: DictConfig) -> dict[str, Any]:
             build_student(teacher_unet, cfg.arch.rule, rule_name=cfg.arch.name, copy_weights=False)
         except StudentRuleError as err:
             problems.append(err)
+    if OmegaConf.select(cfg, "method.rounds") is not None:
+        problems.extend(step_method_problems(cfg, teacher_config))
     cache = cfg.data.get("cache")
     if cache:
         try:
@@ -108,6 +110,53 @@ def preflight(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
+def teacher_caption_dropout(source: str) -> float | None:
+    """The caption dropout a teacher trained by distillery was trained with (its folder's
+    training_config.yaml); None where the folder does not say (a hub teacher)."""
+    from distillery.models.teacher import teacher_path
+
+    path = Path(teacher_path(source)).expanduser() / "training_config.yaml"
+    if not path.is_file():
+        return None
+    value = OmegaConf.select(OmegaConf.load(path), "data.caption_dropout")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def step_method_problems(cfg: DictConfig, teacher_config: dict | None) -> list[Exception]:
+    """What step distillation can tell from configs alone: a student folder whose U-Net cannot
+    take the guidance embedding (guided), and a teacher that has no unconditional branch to
+    guide with (a warning: its guided output is then extrapolated from an untrained input)."""
+    import json
+
+    from distillery.methods.guided import GuidanceEmbeddingError
+
+    m, problems = cfg.method, []
+    guided = str(m._target_).endswith("GuidedDistillation")
+    if guided and m.get("student"):
+        folder = Path(str(m.student)).expanduser()
+        config_file = folder / "unet" / "config.json" if (folder / "unet" / "config.json").is_file() \
+            else folder / "config.json"
+        config = json.loads(config_file.read_text())
+        cls = config.get("_class_name", "UNet2DConditionModel")
+        have = config.get("time_cond_proj_dim")
+        if cls != "UNet2DConditionModel":
+            problems.append(GuidanceEmbeddingError(
+                f"method.student={str(m.student)!r} holds a {cls}, not a UNet2DConditionModel: it has no "
+                "time_cond_proj_dim input for the guidance-weight embedding"))
+        elif have is not None and int(have) != int(m.w_embedding_dim):
+            problems.append(GuidanceEmbeddingError(
+                f"method.student={str(m.student)!r} already takes a guidance embedding of time_cond_proj_dim={have}, "
+                f"not method.w_embedding_dim={m.w_embedding_dim}: set method.w_embedding_dim={have} to continue it"))
+    guides = guided or float(m.get("guidance_scale", 1.0)) > 1
+    dropout = teacher_caption_dropout(str(cfg.arch.teacher))
+    if guides and dropout == 0:
+        log.warning("arch.teacher=%s was trained without caption dropout (data.caption_dropout=0 in its "
+                    "training_config.yaml): it has no trained unconditional branch, so the classifier-free "
+                    "guidance %s distils extrapolates from an input it never learned",
+                    cfg.arch.teacher, "of method.w_min..w_max" if guided else f"at method.guidance_scale={m.guidance_scale}")
+    return problems
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Everything fit needs, built from a validated config."""
     on_gpu = _on_gpu(cfg.trainer)
@@ -116,6 +165,11 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     # From a latent cache the VAE and text encoders are not even loaded.
     teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed, encoders=not cache)
     student, _ = build_student(teacher.unet, cfg.arch.rule, rule_name=cfg.arch.name)
+    # A method module with a setup() (step distillation) adapts the student and adds arguments.
+    method_module, method_cfg, method_kwargs = method_setup(cfg)
+    extra_info: dict[str, Any] = {}
+    if hasattr(method_module, "setup"):
+        student, method_kwargs, extra_info = method_module.setup(cfg, teacher, student)
     rule = OmegaConf.to_container(cfg.arch.rule, resolve=True)
     pairs = resolve_pairs(
         OmegaConf.to_container(cfg.arch.features.pairs, resolve=True)
@@ -145,9 +199,11 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         "prediction_type": teacher.prediction_type,
         "resolution": int(cfg.data.resolution),
     }
+    export_info.update(extra_info)
     # Live objects are passed to the partial, not through instantiate (which would turn them
     # into configs).
-    model = instantiate(cfg.method, _partial_=True)(
+    model = instantiate(method_cfg, _partial_=True)(
+        **method_kwargs,
         teacher=teacher,
         student=student,
         feature_pairs=pairs,
@@ -159,12 +215,32 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         export_info=export_info,
         latent_scaling_factor=cache_info.get("scaling_factor"),
         vae_scale_factor=cfg.data.resolution // size,
+        empty_prompt=_cached_empty_prompt(cache) if cache else None,
     )
+    if hasattr(model, "sampling"):  # how the exported student samples (steps, scheduler, guidance)
+        model.export_info["sampling"] = model.sampling()
     datamodule = checked["datamodule"]
     log.info("teacher %s -> student %s: %s -> %s U-Net params, %d feature pairs",
              cfg.arch.teacher, cfg.arch.name, f"{sum(p.numel() for p in teacher.unet.parameters()):,}",
              f"{sum(p.numel() for p in student.parameters()):,}", len(pairs))
     return {"teacher": teacher, "student": student, "pairs": pairs, "model": model, "datamodule": datamodule}
+
+
+def _cached_empty_prompt(cache: str) -> dict:
+    from distillery.data.cache import CacheSource
+
+    return CacheSource(cache).empty_prompt()
+
+
+def method_setup(cfg: DictConfig):
+    """The module of the method's class, its config without the keys its ``setup`` consumes, and
+    empty extra arguments (``setup`` fills them)."""
+    import importlib
+
+    module = importlib.import_module(str(cfg.method._target_).rsplit(".", 1)[0])
+    consumed = set(getattr(module, "SETUP_KEYS", ()))
+    resolved = OmegaConf.to_container(cfg.method, resolve=True)
+    return module, OmegaConf.create({k: v for k, v in resolved.items() if k not in consumed}), {}
 
 
 def method_runner(cfg: DictConfig):
@@ -313,18 +389,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: list) -> dict[str, Any]:
-    """Export the student and draw a teacher-vs-student grid, same prompts and seeds."""
+    """Export the student and draw a teacher-vs-student grid, same prompts and seeds. A
+    step-distilled student samples at its own step count and scheduler, beside the teacher at
+    its full step count and at the student's; every earlier round is exported too."""
     from distillery.export import export_student
     from distillery.sampling import build_sampler, generate, grid, make_pipeline
+    from distillery.schedule import step_scheduler
 
-    teacher = parts["teacher"]
+    teacher, model = parts["teacher"], parts["model"]
     if teacher.vae is None:  # trained from a latent cache: the pipeline needs the encoders now
         device = teacher.unet.device
         teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed)
         for module in teacher.frozen_modules.values():
             place(module.requires_grad_(False).eval(), device)
-    ema = parts["model"].ema is not None
+    elif hasattr(model, "round_schedule"):  # the round-0 teacher: the live one is a round's student
+        teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed)
+        teacher.freeze(parts["model"].frozen_dtype)
+        for module in teacher.frozen_modules.values():
+            place(module, model.device)
+    ema = model.ema is not None
     export_dir = export_student(ckpt, run_dir / "student", ema=ema, teacher=teacher)
+    out: dict[str, Any] = {"export_dir": export_dir}
+    if hasattr(model, "round_schedule"):
+        out["round_dirs"] = export_rounds(model, teacher, export_dir, ema)
     from diffusers import UNet2DConditionModel
 
     student = UNet2DConditionModel.from_pretrained(export_dir / "unet")
@@ -333,20 +420,47 @@ def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: lis
     prompts = list(cfg.eval.prompts)
     device, dtype = teacher.unet.device, teacher.unet.dtype
     place(student, device, dtype)
-    rows = {}
-    for label, unet in (("teacher", teacher.unet), ("student", student)):
-        pipe = make_pipeline(teacher, unet, sampler)
-        rows[label] = generate(pipe, prompts, cfg.eval.seed, steps, cfg.eval.guidance_scale, res)
+    sampling = model.export_info.get("sampling")
+    g = cfg.eval.guidance_scale
+    rows = {"teacher": generate(make_pipeline(teacher, teacher.unet, sampler), prompts, cfg.eval.seed, steps, g, res)}
+    if sampling:
+        n = int(sampling["num_inference_steps"])
+        rows[f"teacher {n} st."] = generate(make_pipeline(teacher, teacher.unet, step_scheduler(teacher)), prompts,
+                                           cfg.eval.seed, n, g, res)
+        rows[f"student {n} st."] = generate(make_pipeline(teacher, student, step_scheduler(teacher)), prompts,
+                                           cfg.eval.seed, n, float(sampling["guidance_scale"]), res)
+    else:
+        rows["student"] = generate(make_pipeline(teacher, student, sampler), prompts, cfg.eval.seed, steps, g, res)
     image = grid(rows)
     grid_path = run_dir / "samples.png"
     image.save(grid_path)
     for lg in loggers:
         if hasattr(lg, "log_image"):
             lg.log_image("samples/teacher_vs_student", [image], caption=[" | ".join(prompts)])
-    out = {"export_dir": export_dir, "samples": grid_path}
+    out["samples"] = grid_path
     if cfg.eval.get("at_end"):
         out.update(evaluate_at_end(cfg, teacher, student, export_dir, run_dir / "eval", loggers))
     return out
+
+
+def export_rounds(model, teacher, final_dir: Path, ema: bool) -> list[Path]:
+    """Every round but the last (which is ``final_dir``) as a pipeline folder at its step count,
+    from the U-Net the round left in ``<run>/rounds/``; every export lists all the rounds."""
+    from diffusers import UNet2DConditionModel
+
+    from distillery.export import write_export
+    from distillery.rounds import write_round_cards
+
+    records, dirs = model.round_records(), []
+    records[-1]["folder"] = str(final_dir)
+    for r in model.round_schedule.rounds[:-1]:
+        folder = model.round_folder(r)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+        info = {**model.export_info, "sampling": model.sampling(r), "round": r.index}
+        write_export(unet, info, folder, teacher, r.end, ema)
+        dirs.append(folder)
+    write_round_cards(records, [*dirs, final_dir])
+    return dirs
 
 
 def evaluate_at_end(cfg: DictConfig, teacher, student, export_dir: Path, out_dir: Path, loggers: list) -> dict[str, Any]:
@@ -358,7 +472,7 @@ def evaluate_at_end(cfg: DictConfig, teacher, student, export_dir: Path, out_dir
 
     from distillery.eval.metrics import FeatureDistance
     from distillery.eval.runner import (
-        EvalModel, evaluate_models, log_results, prompts_and_reference, settings_from_config, write_results,
+        EvalModel, at_steps, evaluate_models, log_results, prompts_and_reference, settings_from_config, write_results,
     )
 
     s = settings_from_config(cfg.eval, cfg.data, cfg.scheduler)
@@ -368,6 +482,8 @@ def evaluate_at_end(cfg: DictConfig, teacher, student, export_dir: Path, out_dir
     info = json.loads((export_dir / "distillery.json").read_text())
     models = [EvalModel("teacher", "teacher", str(teacher.source), teacher),
               EvalModel("student", "student", str(export_dir), dataclasses.replace(teacher, unet=student), info)]
+    if models[-1].sampling:  # a step-distilled student: the teacher also at the student's step count
+        models.insert(1, at_steps(models[0], models[-1].sampling))
     results = evaluate_models(models, prompts, s, cfg.scheduler, distance, device, dtype=None)
     files = write_results(out_dir, results, s, origin, len(prompts), prompts)
     log_results(loggers, results, files["grid"], prompts[: s.grid_images])

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterable
 
 # Figures a quality-versus-speed comparison reads, in table order.
-COLUMNS = ("label", "role", "arch", "run", "fid", "kid", "clip_score", "prompt_fidelity",
+COLUMNS = ("label", "role", "arch", "method", "steps", "guidance_scale", "unet_calls_per_step", "run", "fid", "kid", "clip_score", "prompt_fidelity",
            "unet_latency_s", "pipeline_latency_s", "params", "macs", "source")
 
 
@@ -38,7 +38,14 @@ def load_rows(roots: Iterable[str | Path]) -> list[dict]:
                     continue
                 teachers.add(key)
             row = {"label": model.get("label"), "role": model.get("role"), "arch": model.get("arch", ""),
-                   "loss": loss_name(model.get("loss")), "run": str(path.parent), "source": model.get("source")}
+                   "method": model.get("method", ""), "loss": loss_name(model.get("loss")), "run": str(path.parent),
+                   "source": model.get("source")}
+            # How it sampled: a step-distilled student and the teacher at its step count differ here.
+            sampling = model.get("sampling") or doc.get("settings", {})
+            for key, name in (("steps", "steps"), ("guidance_scale", "guidance_scale"),
+                              ("unet_calls_per_step", "unet_calls_per_step")):
+                if key in sampling:
+                    row[name] = sampling[key]
             row.update({k: v for k, v in model.get("metrics", {}).items() if isinstance(v, (int, float))})
             rows.append(row)
     return rows
@@ -65,12 +72,16 @@ def summary_table(rows: list[dict], by: str = "loss", figures: tuple[str, ...] =
     import statistics
 
     groups: dict[str, list[dict]] = {}
-    for r in rows:
-        key = "teacher" if r["role"] == "teacher" else (r.get(by) or r["label"])
+    for r in rows:  # teachers by label: "teacher", and "teacher_4steps" beside a 4-step student
+        key = r["label"] if r["role"] == "teacher" else (r.get(by) or r["label"])
         groups.setdefault(key, []).append(r)
     shown = [f for f in figures if any(f in r for r in rows)]
     lines = [f"| {by} | runs | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
-    for key, members in sorted(groups.items(), key=lambda kv: (kv[0] != "teacher", kv[0])):
+    def order(kv):
+        role = kv[1][0]["role"]
+        return (role != "teacher", -int(kv[1][0].get("steps") or 0), kv[0])
+
+    for key, members in sorted(groups.items(), key=order):
         cells = []
         for f in shown:
             values = [m[f] for m in members if f in m]
@@ -90,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Summarise the results.json files under some folders "
                                                  "(mean ± std over runs that share a value of --by).")
     parser.add_argument("folders", nargs="+")
-    parser.add_argument("--by", default="loss", help="group students by this column (loss, arch, label)")
+    parser.add_argument("--by", default="loss", help="group students by this column (loss, arch, method, label)")
     parser.add_argument("--figures", default=",".join(SUMMARY_FIGURES),
                         help="comma-separated figures of results.json to show (default: %(default)s); "
                              "e.g. fidelity/position for one attribute of the shapes world")
@@ -116,9 +127,13 @@ def to_frame(rows: list[dict]):
 
 
 def quality_vs_latency(rows: list[dict], metrics: tuple[str, ...] = ("fid", "clip_score", "prompt_fidelity"),
-                       latency: str = "unet_latency_s"):
-    """One panel per quality figure present, against U-Net latency: a point per student, the
-    teacher(s) drawn as a star. Returns the matplotlib figure."""
+                       latency: str | None = None):
+    """One panel per quality figure present, against latency: a point per student, the
+    teacher(s) drawn as a star. ``latency`` None: the whole pipeline's time per image when the
+    results have it (it counts the sampling steps and the guidance passes, which a step-distilled
+    student saves), else the U-Net's. Returns the matplotlib figure."""
+    if latency is None:
+        latency = "pipeline_latency_s" if any("pipeline_latency_s" in r for r in rows) else "unet_latency_s"
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -135,12 +150,14 @@ def quality_vs_latency(rows: list[dict], metrics: tuple[str, ...] = ("fid", "cli
             teacher = r["role"] == "teacher"
             ax.scatter(r[latency] * 1000, r[metric], marker="*" if teacher else "o", s=180 if teacher else 50,
                        color="black" if teacher else None, zorder=3)
-            name = "teacher" if teacher else (r.get("arch") or r["label"])
+            name = r["label"] if teacher else (r.get("method") or r.get("arch") or r["label"])
+            if r.get("steps"):
+                name += f" ({r['steps']} steps)"
             ax.annotate(name, (r[latency] * 1000, r[metric]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax.set_xlabel("U-Net latency (ms / image)")
+        ax.set_xlabel(("pipeline" if latency.startswith("pipeline") else "U-Net") + " latency (ms / image)")
         ax.set_ylabel(metric + (" (lower is better)" if metric in ("fid", "kid") else " (higher is better)"))
         ax.grid(alpha=0.3)
-    fig.suptitle("Image quality versus U-Net latency")
+    fig.suptitle("Image quality versus " + ("pipeline" if latency.startswith("pipeline") else "U-Net") + " latency")
     fig.tight_layout()
     return fig
 

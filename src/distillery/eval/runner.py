@@ -44,15 +44,50 @@ class EvalModel:
     source: str
     parts: Teacher
     info: dict = field(default_factory=dict)  # arch, teacher, step... of a distilled student
+    # How this model samples when not as the evaluation's scheduler/steps/guidance say: a
+    # step-distilled student's export carries it ({num_inference_steps, guidance_scale, ...});
+    # a teacher baseline at the student's step count is given one.
+    sampling: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampling is None and self.info.get("sampling"):
+            self.sampling = dict(self.info["sampling"])
 
     @property
     def unet(self):
         return self.parts.unet
 
     def identity(self) -> dict:
-        keys = ("arch", "teacher", "rule", "loss", "step", "ema")
+        keys = ("arch", "teacher", "rule", "loss", "step", "ema", "method", "round")
         return {"label": self.label, "role": self.role, "source": self.source,
                 **{k: self.info[k] for k in keys if k in self.info}}
+
+    def settings(self, s: "EvalSettings") -> "EvalSettings":
+        """The evaluation's settings with this model's own step count and guidance scale."""
+        import dataclasses
+
+        if not self.sampling:
+            return s
+        return dataclasses.replace(s, steps=int(self.sampling["num_inference_steps"]),
+                                   guidance_scale=float(self.sampling.get("guidance_scale", s.guidance_scale)))
+
+    def sampler(self, scheduler_cfg: Any):
+        """The diffusers scheduler this model samples with."""
+        from distillery.sampling import build_sampler
+        from distillery.schedule import step_scheduler
+
+        if self.sampling:  # the DDIM scheduler (trailing spacing) step distillation trains for
+            return step_scheduler(self.parts)
+        return build_sampler(scheduler_cfg, self.parts.sampling_scheduler)[0]
+
+
+def at_steps(model: EvalModel, sampling: dict, label: str | None = None) -> EvalModel:
+    """``model`` (typically the teacher) sampled as a step-distilled student is: same scheduler,
+    its step count; the guidance scale stays the evaluation's."""
+    steps = int(sampling["num_inference_steps"])
+    return EvalModel(label or f"{model.label}_{steps}steps", model.role, model.source, model.parts, model.info,
+                     sampling={"num_inference_steps": steps, "scheduler": sampling.get("scheduler", "DDIMScheduler"),
+                               "timestep_spacing": sampling.get("timestep_spacing", "trailing")})
 
 
 def load_model(spec: str, label: str = "model", ema: bool = False, seed: int = 0) -> EvalModel:
@@ -169,6 +204,8 @@ class _ModelScores:
 
 
 def _generate(pipe, prompts: list[str], first_index: int, s: EvalSettings) -> list[Image.Image]:
+    """Images of ``prompts`` (prompt i from the noise of seed + first_index + i) at ``s``'s steps
+    and guidance (a guidance-conditioned U-Net takes the scale as an input: one call per step)."""
     device = pipe.unet.device
     gens = [torch.Generator(device=device).manual_seed(s.seed + first_index + i) for i in range(len(prompts))]
     out = pipe(prompts, num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
@@ -203,19 +240,23 @@ def evaluate_models(models: Sequence[EvalModel], prompts: Sequence[str], setting
     extra = prompt_metrics(s.prompt_metrics)
     agree_fns = _agreement_fns(extra)
     cache = TeacherCache.from_setting(s.teacher_cache)
-    pipes, scores = [], []
+    pipes, scores, own = [], [], []
     for m in models:
         if dtype is not None:  # None: the models are already placed (a training run's own)
             to_device(m, device, dtype)
-        sampler, _ = build_sampler(scheduler_cfg, m.parts.sampling_scheduler)
+        sampler = m.sampler(scheduler_cfg)
+        ms = m.settings(s)
+        own.append(ms)
         pipe = make_pipeline(m.parts, m.unet, sampler)
         pipe.set_progress_bar_config(disable=True)
         pipes.append(pipe)
         sc = _ModelScores(s, distance, device)
         scores.append(sc)
-        s.sampler = type(sampler).__name__
+        if not m.sampling:
+            s.sampler = type(sampler).__name__
+        ms.sampler = type(sampler).__name__
         if cache is not None and m.role == "teacher":
-            sc.cache_key = cache.key(m.parts, sampler, prompts, s, device)
+            sc.cache_key = cache.key(m.parts, sampler, prompts, ms, device)
             if sc.cache_key is None:
                 log.info("%s: the teacher has no weights file to identify it by: its images are not cached", m.label)
             else:
@@ -233,12 +274,12 @@ def evaluate_models(models: Sequence[EvalModel], prompts: Sequence[str], setting
     for lo in range(0, len(prompts), s.batch_size):
         batch = prompts[lo:lo + s.batch_size]
         first_images = None
-        for k, (pipe, sc) in enumerate(zip(pipes, scores)):
+        for k, (pipe, sc, ms) in enumerate(zip(pipes, scores, own)):
             t0 = time.perf_counter()
             if sc.cached is not None:
                 pil = to_pil(sc.cached[lo:lo + len(batch)])
             else:
-                pil = _generate(pipe, batch, lo, s)
+                pil = _generate(pipe, batch, lo, ms)
                 if sc.drawn is not None:
                     sc.drawn.append(to_uint8(pil))
             t1 = time.perf_counter()
@@ -270,7 +311,7 @@ def evaluate_models(models: Sequence[EvalModel], prompts: Sequence[str], setting
                 log.info("the teacher's images are cached in %s", stored)
 
     results = []
-    for k, (m, pipe, sc) in enumerate(zip(models, pipes, scores)):
+    for k, (m, pipe, sc, ms) in enumerate(zip(models, pipes, scores, own)):
         t0 = time.perf_counter()
         figures: dict[str, Any] = {"params": sum(p.numel() for p in m.unet.parameters())}
         latent = s.resolution // pipe.vae_scale_factor
@@ -291,18 +332,27 @@ def evaluate_models(models: Sequence[EvalModel], prompts: Sequence[str], setting
             latency["unet"] = rows_unet
             figures["unet_latency_s"] = rows_unet[0]["per_image_s"]
         if s.latency_batch_sizes and s.pipeline_latency:
-            rows_pipe = pipeline_latency(pipe, prompts[0], s.latency_batch_sizes, s.steps, s.guidance_scale,
+            rows_pipe = pipeline_latency(pipe, prompts[0], s.latency_batch_sizes, ms.steps, ms.guidance_scale,
                                          s.resolution, warmup=1, repeats=max(1, s.latency_repeats // 3))
             latency["pipeline"] = rows_pipe
             figures["pipeline_latency_s"] = rows_pipe[0]["per_image_s"]
         sc.seconds["latency"] = time.perf_counter() - t1
-        record = {**m.identity(), "metrics": figures, "latency": latency,
+        record = {**m.identity(), "sampling": {"sampler": ms.sampler, "steps": int(ms.steps),
+                                                "guidance_scale": float(ms.guidance_scale),
+                                                "unet_calls_per_step": unet_calls_per_step(m.unet, ms.guidance_scale)},
+                  "metrics": figures, "latency": latency,
                   "eval_seconds": {part: round(v, 3) for part, v in sc.seconds.items()}, "grid_images": sc.grid}
         if sc.cache_key is not None:  # where the teacher's images came from, or were stored
             record["teacher_cache"] = {"hit": sc.cached is not None, "entry": str(cache.path(sc.cache_key)),
                                        "key": sc.cache_key}
         results.append(record)
     return results
+
+
+def unet_calls_per_step(unet, guidance_scale: float) -> int:
+    """U-Net evaluations per sampling step in a diffusers pipeline: two with classifier-free
+    guidance (batched), one for guidance 1 or a guidance-conditioned U-Net."""
+    return 2 if guidance_scale > 1 and unet.config.get("time_cond_proj_dim") is None else 1
 
 
 def software() -> dict[str, str]:
@@ -469,7 +519,17 @@ def run_eval(cfg) -> dict:
     models = [load_model(cfg.model, label=cfg.get("label") or "model", ema=bool(cfg.ema), seed=int(cfg.seed))]
     if cfg.get("compare_with"):
         # The reference model goes first: the evaluated model is compared image by image with it.
-        models.insert(0, load_model(cfg.compare_with, label="reference", seed=int(cfg.seed)))
+        reference = load_model(cfg.compare_with, label="reference", seed=int(cfg.seed))
+        models.insert(0, reference)
+        if models[-1].sampling and not reference.sampling:
+            # A step-distilled student: the reference at its full steps and at the student's.
+            models.insert(1, at_steps(reference, models[-1].sampling))
+    for i, spec in enumerate(cfg.get("extra_models") or []):  # more students, same prompts and seeds
+        extra = load_model(spec, label=f"model{i + 2}", seed=int(cfg.seed))
+        extra.label = str(extra.info.get("method") or extra.info.get("arch") or extra.label)
+        if any(m.label == extra.label for m in models):
+            extra.label = f"{extra.label}{i + 2}"
+        models.append(extra)
     distance = FeatureDistance(s.fid_feature, s.kid_subset_size, device) if s.fid_feature is not None else None
     prompts, origin = prompts_and_reference(cfg.get("prompts_file"), cfg.data, s, distance)
     if distance is not None and distance.counts[0] < 2:

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from transformers import CLIPTextModel
 
-from distillery.methods.arch_kd import ArchKD
+from distillery.methods.base import Distiller
 from distillery.models.tiny import _tiny_clip_text_config, sd_schedulers, shapes_tokenizer
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,10 @@ class TrainFromScratch(L.LightningModule):
 
     # As in distillation runs: noise drawn from (seed, step, micro-batch, rank), and the data
     # stream's positions and skipped-sample counts kept in checkpoints for an exact resume.
-    _generator = ArchKD._generator
-    _track_stream = ArchKD._track_stream
-    on_save_checkpoint = ArchKD.on_save_checkpoint
-    on_load_checkpoint = ArchKD.on_load_checkpoint
+    _generator = Distiller.generator
+    _track_stream = Distiller._track_stream
+    on_save_checkpoint = Distiller.on_save_checkpoint
+    on_load_checkpoint = Distiller.on_load_checkpoint
 
     # ---- phase 1: the VAE --------------------------------------------------------------------
     def vae_terms(self, pixels: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
