@@ -121,3 +121,24 @@ def test_a_mixture_interleaves_its_members_by_weight(tmp_path):
     keys = [next(stream)["key"] for _ in range(48)]  # one epoch: 36 from a, 12 from b
     assert sum(k.startswith("m0/") for k in keys) == 36 and sum(k.startswith("m1/") for k in keys) == 12
     assert {k for k in keys if k.startswith("m1/")} == {f"m1/b{s}{i}" for s in range(3) for i in range(4)}
+
+
+@pytest.mark.parametrize("method", ["progressive", "guided"])
+def test_a_step_distillation_step_from_the_cache_equals_the_step_with_encoders(method, tiny_sd_folder, shapes_cache,
+                                                                               tmp_path):
+    """Classifier-free guidance of the teacher from a cache takes the unconditional branch from
+    the cache's embeddings of "": the same targets as with the text encoder loaded."""
+    common = ["arch=copy", f"method={method}", f"arch.teacher={tiny_sd_folder}", *FAST, "data.source.size=16",
+              "method.rounds=[4,2]", "method.teacher_steps=8", "method.guidance_scale=3", "method.w_embedding_dim=8"]
+    if method == "progressive":
+        common.remove("method.w_embedding_dim=8")
+    raw = build(compose_train(common, tmp_path / "raw"))
+    cached = build(compose_train([*common, f"data.cache={shapes_cache}"], tmp_path / "cached"))
+    assert cached["teacher"].text_encoder is None
+    raw_batch = next(iter(torch.utils.data.DataLoader(raw["datamodule"].dataset, batch_size=4)))
+    cached_batch = next(iter(torch.utils.data.DataLoader(cached["datamodule"].dataset, batch_size=4)))
+    a = raw["model"].terms(raw_batch, torch.Generator().manual_seed(5))
+    b = cached["model"].terms(cached_batch, torch.Generator().manual_seed(5))
+    assert a.keys() == b.keys()
+    for term in a:
+        torch.testing.assert_close(b[term], a[term], rtol=1e-4, atol=1e-5)

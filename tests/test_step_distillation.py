@@ -111,9 +111,10 @@ def test_progressive_rounds_train_and_export_pipelines_at_each_step_count(folder
 
     teacher = request.getfixturevalue(folder)
     run = tmp_path / "run"
-    result = train(compose_train([*STEP, f"arch.teacher={teacher}", "export_at_end=true",
+    result = train(compose_train([*STEP, f"arch.teacher={teacher}", "export_at_end=true", "eval.every_n_steps=3",
                                   "callbacks.model_checkpoint.every_n_train_steps=1"], run))
     assert result["global_step"] == 4
+    assert (run / "samples" / "step_0000003.png").is_file()  # drawn during round 1, at its 2 steps
     rounds = _round_rows(run / "csv" / "metrics.csv")
     assert rounds == {0: 0, 1: 0, 2: 1, 3: 1}  # every logged step row carries its round
     # Round 0 (4 steps) is in rounds/, round 1 (2 steps) is the run's student; both load in diffusers.
@@ -128,6 +129,12 @@ def test_progressive_rounds_train_and_export_pipelines_at_each_step_count(folder
         out = pipe("a red circle", num_inference_steps=steps, guidance_scale=1.0, height=64, width=64,
                    output_type="np").images
         assert out.shape[-1] == 3 and float(abs(out).sum()) > 0
+    # A checkpoint of round 0 exports (src/export.py) as a 4-step student.
+    from distillery.export import export_student
+
+    mid = export_student(run / "checkpoints" / "step_0000001.ckpt", tmp_path / "mid")
+    info = json.loads((mid / "distillery.json").read_text())
+    assert info["round"] == 0 and info["num_inference_steps"] == 4
     # Round 1's teacher was round 0's student: its saved U-Net equals the step-2 student.
     from distillery.export import load_checkpoint, student_from_checkpoint
 

@@ -187,7 +187,16 @@ class TeacherStudentSamples(Callback):
         key = (id(teacher.unet), tuple(prompts), ev.seed, steps, ev.guidance_scale, res, type(sampler).__name__)
         if self._teacher_row is None or self._teacher_row[0] != key:
             self._teacher_row = (key, draw_row(teacher.unet))
-        image = grid({"teacher": self._teacher_row[1], "student": draw_row(student)})
+        sampling = _round_sampling(trainer.lightning_module)
+        if sampling:  # a step-distilled student: at its round's step count, scheduler and guidance
+            from distillery.schedule import step_scheduler
+
+            n = int(sampling["num_inference_steps"])
+            row = generate(make_pipeline(teacher, student, step_scheduler(teacher)), prompts, ev.seed, n,
+                           float(sampling["guidance_scale"]), res)
+            image = grid({"teacher": self._teacher_row[1], f"student {n} st.": row})
+        else:
+            image = grid({"teacher": self._teacher_row[1], "student": draw_row(student)})
         path = self.out_dir / "samples" / f"step_{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
@@ -207,14 +216,24 @@ class TeacherStudentSamples(Callback):
                 if s.fid_feature is not None else None
             self._prompts, _ = prompts_and_reference(None, self.cfg.data, s, self._distance, progress=False)
         models = [EvalModel("teacher", "teacher", str(teacher.source), teacher),
-                  EvalModel("student", "student", "training", dataclasses.replace(teacher, unet=student))]
+                  EvalModel("student", "student", "training", dataclasses.replace(teacher, unet=student),
+                            sampling=_round_sampling(pl_module))]
         results = evaluate_models(models, self._prompts, s, self.cfg.scheduler, self._distance,
                                   pl_module.device, dtype=None, progress=False)
         flat = {f"quick/{r['label']}/{k}": float(v) for r in results for k, v in r["metrics"].items()
                 if isinstance(v, (int, float)) and k not in ("params", "macs")}
+        if hasattr(pl_module, "round"):  # training in rounds: the round on every logged row
+            flat["quick/round"] = float(pl_module.round.index)
         for lg in trainer.loggers:
             lg.log_metrics(flat, step=trainer.global_step)
         return flat
+
+
+def _round_sampling(pl_module) -> dict | None:
+    """How the student of a step-distillation run samples in its current round, else None."""
+    if hasattr(pl_module, "sampling") and hasattr(pl_module, "round"):
+        return pl_module.sampling(pl_module.round)
+    return None
 
 
 def _keep_checkpoints(trainer: L.Trainer) -> None:
