@@ -40,7 +40,9 @@ SEGMIND_SMALL_PAIRS = BK_STAGE_PAIRS[:4] + [("mid_block", "mid_block")] + BK_STA
 PUBLISHED_PAIR_COUNT = {"bk_base": 8, "bk_small": 8, "bk_tiny": 6, "small_sd": 9, "tiny_sd": 6, "demo": 8,
                         # SSD-1B: every resnet and attention (10 down, 1 mid, 15 up); KOALA: one self-attention
                         # per transformer module
-                        "ssd1b": 26, "vega": 26, "koala_1b": 7, "koala_700m": 6}
+                        "ssd1b": 26, "vega": 26, "koala_1b": 7, "koala_700m": 6,
+                        # the teacher's own architecture, for step distillation: nothing to pair
+                        "copy": 0}
 ARCH_NAMES = sorted(p.stem for p in (CONF_DIR / "arch").glob("*.yaml"))
 
 
