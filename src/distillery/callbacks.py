@@ -187,7 +187,7 @@ class TeacherStudentSamples(Callback):
         key = (id(teacher.unet), tuple(prompts), ev.seed, steps, ev.guidance_scale, res, type(sampler).__name__)
         if self._teacher_row is None or self._teacher_row[0] != key:
             self._teacher_row = (key, draw_row(teacher.unet))
-        sampling = _round_sampling(trainer.lightning_module)
+        sampling = _round_sampling(getattr(trainer, "lightning_module", None))
         if sampling:  # a step-distilled student: at its round's step count, scheduler and guidance
             from distillery.schedule import step_scheduler
 
