@@ -111,7 +111,7 @@ def test_progressive_rounds_train_and_export_pipelines_at_each_step_count(folder
 
     teacher = request.getfixturevalue(folder)
     run = tmp_path / "run"
-    result = train(compose_train([*STEP, f"arch.teacher={teacher}", "export_at_end=true", "eval.every_n_steps=3",
+    result = train(compose_train([*STEP, f"arch.teacher={teacher}", "export_at_end=true", "scheduler.num_inference_steps=2", "eval.every_n_steps=3",
                                   "callbacks.model_checkpoint.every_n_train_steps=1"], run))
     assert result["global_step"] == 4
     assert (run / "samples" / "step_0000003.png").is_file()  # drawn during round 1, at its 2 steps
@@ -156,7 +156,7 @@ def test_guided_student_samples_with_one_unet_call_per_step(folder, request, tmp
 
     teacher_folder = request.getfixturevalue(folder)
     run = tmp_path / "run"
-    result = train(compose_train([*BASE, f"arch.teacher={teacher_folder}", "method=guided", "export_at_end=true",
+    result = train(compose_train([*BASE, f"arch.teacher={teacher_folder}", "method=guided", "export_at_end=true", "scheduler.num_inference_steps=2",
                                   "trainer.max_steps=6", "method.w_embedding_dim=32", "method.w_min=2",
                                   "method.w_max=6", "method.sample_guidance_scale=4"], run))
     assert result["global_step"] == 6
