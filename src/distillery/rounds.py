@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from distillery.methods.base import Distiller
+from distillery.methods.base import Distiller, lr_multiplier
 from distillery.models.teacher import place
 
 log = logging.getLogger(__name__)
@@ -205,15 +205,9 @@ class RoundsDistiller(Distiller):
 
     def lr_lambda(self):
         """The LR schedule restarts in every round and runs over that round's steps."""
-        from diffusers.optimization import get_scheduler
-
         cfg = self.lr_scheduler_cfg
-        per_round = []
-        for r in self.round_schedule.rounds:
-            probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-            per_round.append(get_scheduler(cfg.get("name", "constant"), probe,
-                                           num_warmup_steps=int(cfg.get("warmup_steps", 0)),
-                                           num_training_steps=max(r.end - r.start, 1)).lr_lambdas[0])
+        per_round = [lr_multiplier(cfg.get("name", "constant"), int(cfg.get("warmup_steps", 0)), r.end - r.start)
+                     for r in self.round_schedule.rounds]
         schedule = self.round_schedule
 
         def lr(step: int) -> float:

@@ -166,7 +166,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed, encoders=not cache)
     student, _ = build_student(teacher.unet, cfg.arch.rule, rule_name=cfg.arch.name)
     # A method module with a setup() (step distillation) adapts the student and adds arguments.
-    method_module, method_cfg, method_kwargs = method_setup(cfg)
+    method_module, method_cfg = method_setup(cfg)
+    method_kwargs: dict[str, Any] = {}
     extra_info: dict[str, Any] = {}
     if hasattr(method_module, "setup"):
         student, method_kwargs, extra_info = method_module.setup(cfg, teacher, student)
@@ -233,14 +234,13 @@ def _cached_empty_prompt(cache: str) -> dict:
 
 
 def method_setup(cfg: DictConfig):
-    """The module of the method's class, its config without the keys its ``setup`` consumes, and
-    empty extra arguments (``setup`` fills them)."""
+    """The module of the method's class and its config without the keys its ``setup`` consumes."""
     import importlib
 
     module = importlib.import_module(str(cfg.method._target_).rsplit(".", 1)[0])
     consumed = set(getattr(module, "SETUP_KEYS", ()))
     resolved = OmegaConf.to_container(cfg.method, resolve=True)
-    return module, OmegaConf.create({k: v for k, v in resolved.items() if k not in consumed}), {}
+    return module, OmegaConf.create({k: v for k, v in resolved.items() if k not in consumed})
 
 
 def method_runner(cfg: DictConfig):

@@ -38,6 +38,14 @@ from distillery.schedule import NoiseSchedule
 log = logging.getLogger(__name__)
 
 
+def lr_multiplier(name: str, warmup: int, steps: int):
+    """diffusers' LR schedule ``name`` as a function of the optimizer step over ``steps`` steps."""
+    from diffusers.optimization import get_scheduler
+
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return get_scheduler(name, probe, num_warmup_steps=warmup, num_training_steps=max(steps, 1)).lr_lambdas[0]
+
+
 def guidance_embedding(w: Tensor, dim: int) -> Tensor:
     """The guidance-weight embedding diffusers' pipelines pass as ``timestep_cond`` to a U-Net with
     ``time_cond_proj_dim``: sinusoidal features of ``1000 * (guidance_scale - 1)``."""
@@ -260,12 +268,8 @@ class Distiller(L.LightningModule):
 
     def lr_lambda(self):
         """The LR multiplier as a function of the optimizer step (diffusers' get_scheduler)."""
-        from diffusers.optimization import get_scheduler
-
         cfg = self.lr_scheduler_cfg
-        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        return get_scheduler(cfg.get("name", "constant"), probe, num_warmup_steps=int(cfg.get("warmup_steps", 0)),
-                             num_training_steps=max(int(self.trainer.max_steps), 1)).lr_lambdas[0]
+        return lr_multiplier(cfg.get("name", "constant"), int(cfg.get("warmup_steps", 0)), int(self.trainer.max_steps))
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from transformers import CLIPTextModel
 
-from distillery.methods.base import Distiller
+from distillery.methods.base import Distiller, lr_multiplier as _phase_schedule
 from distillery.models.tiny import _tiny_clip_text_config, sd_schedulers, shapes_tokenizer
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,6 @@ def build_components(sizes: Mapping[str, Mapping], resolution: int, seed: int = 
             **SD_UNET_BLOCKS, **unet_kw)
     return {"vae": vae, "text_encoder": text_encoder, "unet": unet, "tokenizer": tokenizer,
             **sd_schedulers("epsilon")}
-
-
-def _phase_schedule(name: str, warmup: int, steps: int):
-    """diffusers' LR schedule `name` as a function of the step within one phase."""
-    from diffusers.optimization import get_scheduler
-
-    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    return get_scheduler(name, probe, num_warmup_steps=warmup, num_training_steps=max(steps, 1)).lr_lambdas[0]
 
 
 class TrainFromScratch(L.LightningModule):
