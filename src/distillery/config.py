@@ -220,6 +220,28 @@ def _check_step_method(cfg: DictConfig, problems: list[str]) -> None:
                             "(no config.json): give an exported student (<run>/student), or null")
 
 
+def _check_removal(cfg: DictConfig, problems: list[str]) -> None:
+    """Progressive block removal: the stage list and the steps of each round."""
+    m = cfg.method
+    stages = m.stages
+    if not OmegaConf.is_list(stages):
+        problems.append(f"method.stages={stages!r} must be a list of the rounds before arch={cfg.arch.name} (arch "
+                        "config names or {name, rule, features}), e.g. [bk_base]")
+        return
+    n = len(stages) + 1
+    spr = m.get("steps_per_round")
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if spr is not None:
+        spr = OmegaConf.to_container(spr, resolve=True) if OmegaConf.is_config(spr) else spr
+        if not isinstance(spr, list) or len(spr) != n or not all(isinstance(x, int) and x >= 1 for x in spr):
+            problems.append(f"method.steps_per_round={spr!r} must list {n} step counts >= 1 (one per stage, then one "
+                            f"for arch={cfg.arch.name}), or be null to split trainer.max_steps evenly")
+        elif isinstance(max_steps, int) and sum(spr) != max_steps:
+            problems.append(f"method.steps_per_round={spr} sums to {sum(spr)}, not trainer.max_steps={max_steps}")
+    elif isinstance(max_steps, int) and max_steps < n:
+        problems.append(f"trainer.max_steps={max_steps} is fewer than the {n} rounds")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing every problem of a composed training config."""
     problems: list[str] = []
@@ -228,6 +250,8 @@ def validate(cfg: DictConfig) -> None:
         _check_loss(cfg.loss, problems)
         if OmegaConf.select(cfg, "method.rounds") is not None:
             _check_step_method(cfg, problems)
+        if OmegaConf.select(cfg, "method.stages") is not None:
+            _check_removal(cfg, problems)
     else:  # a whole pipeline trained from scratch: no teacher, no student
         _check_from_scratch(cfg, problems)
     _positive_int(cfg, "data.batch_size", problems)

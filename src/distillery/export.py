@@ -95,6 +95,10 @@ def model_card(info: dict, step: int, ema: bool, params: int, pipeline: str = "S
     losses = "" if info.get("sampling") else (
         f"- loss: task {loss.get('task')} + {loss.get('output')} x output KD + {loss.get('feature')} x feature KD "
         f"over {len(info.get('feature_pairs', []))} feature pairs\n")
+    if info.get("stages"):  # progressive block removal: the chain of students it came through
+        chain = " -> ".join(["the teacher", *info["stages"]])
+        losses += (f"- progressively block-removed: {chain}; this is round {info.get('round', len(info['stages']) - 1)}'s "
+                   f"student, distilled from {info.get('stage_teacher', 'the teacher')} (its rule applies to that)\n")
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -161,7 +165,7 @@ def export_student(ckpt_path: str | Path, out_dir: str | Path, ema: bool = False
     unet = student_from_checkpoint(ckpt, ema=ema, source=ckpt_path)
     if teacher is None:
         teacher = load_teacher(info["teacher"], seed=info.get("teacher_seed", 0))
-    if "rounds" in ckpt and info.get("sampling"):
+    if "rounds" in ckpt:
         info["round"] = int(ckpt["rounds"]["round"])
     return write_export(unet, info, out_dir, teacher, int(ckpt.get("global_step", 0)), ema,
                         str(Path(ckpt_path).resolve()))

@@ -39,14 +39,35 @@ ROUNDS_DIR = "rounds"
 @dataclass(frozen=True)
 class Round:
     index: int
-    kind: str  # "progressive", or "guidance" (the first round of guided distillation)
-    steps: int  # the student's sampling steps at the end of the round
+    # "progressive", "guidance" (the first round of guided distillation) or "removal" (a round of
+    # progressive block removal)
+    kind: str
+    steps: int | None  # the student's sampling steps at the end of the round (None: not step distillation)
     start: int  # first optimizer step
     end: int  # one past the last
+    label: str | None = None  # what the round's student is, when not a step count (its arch)
 
     @property
     def name(self) -> str:
-        return f"{self.index}-{self.steps}steps"
+        return f"{self.index}-{self.label}" if self.label else f"{self.index}-{self.steps}steps"
+
+    @property
+    def what(self) -> str:
+        return self.label if self.label else f"{self.steps} steps"
+
+
+def split_steps(max_steps: int, n: int, steps_per_round: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """The [start, end) optimizer steps of ``n`` rounds: ``max_steps`` split evenly, or as given."""
+    if steps_per_round is None:
+        base, extra = divmod(int(max_steps), n)
+        lengths = [base + (1 if i < extra else 0) for i in range(n)]
+    else:
+        lengths = [int(x) for x in steps_per_round]
+    bounds, start = [], 0
+    for length in lengths:
+        bounds.append((start, start + length))
+        start += length
+    return bounds
 
 
 class RoundSchedule:
@@ -60,17 +81,9 @@ class RoundSchedule:
         a first round of guided distillation whose student samples at that many steps."""
         kinds = (["guidance"] if guidance_round else []) + ["progressive"] * len(steps)
         counts = ([int(guidance_round)] if guidance_round else []) + [int(n) for n in steps]
-        n = len(counts)
-        if steps_per_round is None:
-            base, extra = divmod(int(max_steps), n)
-            lengths = [base + (1 if i < extra else 0) for i in range(n)]
-        else:
-            lengths = [int(x) for x in steps_per_round]
-        out, start = [], 0
-        for i, (kind, count, length) in enumerate(zip(kinds, counts, lengths)):
-            out.append(Round(i, kind, count, start, start + length))
-            start += length
-        return cls(out)
+        bounds = split_steps(max_steps, len(counts), steps_per_round)
+        return cls([Round(i, kind, count, start, end)
+                    for i, (kind, count, (start, end)) in enumerate(zip(kinds, counts, bounds))])
 
     def at(self, step: int) -> Round:
         for r in self.rounds:
@@ -82,7 +95,7 @@ class RoundSchedule:
         return len(self.rounds)
 
     def describe(self) -> str:
-        return ", ".join(f"round {r.index} ({r.kind}, {r.steps} steps): optimizer steps {r.start}-{r.end - 1}"
+        return ", ".join(f"round {r.index} ({r.kind}, {r.what}): optimizer steps {r.start}-{r.end - 1}"
                          for r in self.rounds)
 
 
@@ -175,15 +188,23 @@ class RoundsDistiller(Distiller):
         source = self.source_unet()
         if self.trainer.is_global_zero:
             save_unet(source, self.round_folder(done))
-            log.info("round %d (%d steps) done at step %d: saved to %s; round %d (%d steps) starts",
-                     done.index, done.steps, self.global_step, self.round_folder(done), r.index, r.steps)
+            log.info("round %d (%s) done at step %d: saved to %s; round %d (%s) starts",
+                     done.index, done.what, self.global_step, self.round_folder(done), r.index, r.what)
         if self.trainer.world_size > 1:
             self.trainer.strategy.barrier()
-        self.set_teacher_unet(copy_unet(source))
-        if self.ema is not None:  # the student restarts from the teacher of its round
-            self.student.load_state_dict(self.ema.module.state_dict())
-        self.restart_optimisation()
         self.round = r
+        self.start_round(r, copy_unet(source), resumed=False)
+
+    def start_round(self, r: Round, teacher_unet: nn.Module, resumed: bool) -> None:
+        """Round ``r`` (> 0) begins with ``teacher_unet`` (the previous round's U-Net, float32) as
+        its frozen teacher: at its first step (``resumed=False``: the student restarts from those
+        weights, with a fresh optimizer state and EMA), or from a checkpoint of the round (the
+        student, optimizer and EMA then come from the checkpoint)."""
+        self.set_teacher_unet(teacher_unet)
+        if not resumed:
+            if self.ema is not None:  # the student restarts from the teacher of its round
+                self.student.load_state_dict(self.ema.module.state_dict())
+            self.restart_optimisation()
         self.on_round_start(r)
 
     def set_teacher_unet(self, unet: nn.Module) -> None:
@@ -219,13 +240,13 @@ class RoundsDistiller(Distiller):
     def log_terms(self, terms: dict, batch_size: int) -> None:
         super().log_terms(terms, batch_size)
         self.log("train/round", float(self.round.index), batch_size=batch_size)
-        self.log("train/sampling_steps", float(self.round.steps), batch_size=batch_size)
+        if self.round.steps:
+            self.log("train/sampling_steps", float(self.round.steps), batch_size=batch_size)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        if hasattr(self, "sampling"):  # an export of this checkpoint samples as its round's student
-            checkpoint["distillery"] = {**self.export_info, "sampling": self.sampling(self.round)}
+        checkpoint["distillery"] = self.round_info(self.round)  # an export of it is its round's student
         checkpoint["rounds"] = {"round": self.round.index, "schedule": self.schedule_record(),
                                 "teacher": str(self.round_folder(self.round_schedule.rounds[self.round.index - 1]))
                                 if self.round.index > 0 else None}
@@ -252,17 +273,23 @@ class RoundsDistiller(Distiller):
                 raise CheckpointError(f"the checkpoint is of round {index}, whose teacher is the U-Net of round "
                                       f"{index - 1}, but {folder} is missing: it is written when round {index - 1} "
                                       "ends; restore it or resume from a checkpoint of an earlier round")
-            self.set_teacher_unet(UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32))
-        self.round = self.round_schedule.rounds[index]
-        if index > 0:
-            self.on_round_start(self.round)
+            self.round = self.round_schedule.rounds[index]
+            self.start_round(self.round, UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32),
+                             resumed=True)
 
     def schedule_record(self) -> list[list]:
-        return [[r.kind, r.steps, r.start, r.end] for r in self.round_schedule.rounds]
+        return [[r.kind, r.label or r.steps, r.start, r.end] for r in self.round_schedule.rounds]
+
+    def round_info(self, r: Round) -> dict:
+        """The export facts of round ``r``'s student (what its checkpoints and export carry)."""
+        if hasattr(self, "sampling"):  # step distillation: it samples at its round's step count
+            return {**self.export_info, "sampling": self.sampling(r)}
+        return dict(self.export_info)
 
     # ---- the exports --------------------------------------------------------------------------
     def round_records(self) -> list[dict]:
-        return [{"round": r.index, "kind": r.kind, "num_inference_steps": r.steps, "steps": [r.start, r.end],
+        return [{"round": r.index, "kind": r.kind, **({"num_inference_steps": r.steps} if r.steps else {}),
+                 **({"arch": r.label} if r.label else {}), "steps": [r.start, r.end],
                  "folder": str(self.round_folder(r))} for r in self.round_schedule.rounds]
 
 

@@ -82,7 +82,12 @@ def preflight(cfg: DictConfig) -> dict[str, Any]:
         teacher_config = load_unet_config(cfg.arch.teacher)
     except TeacherLoadError:
         teacher_config = None  # load_teacher says what is wrong with the teacher itself
-    if teacher_config is not None:
+    stages = OmegaConf.select(cfg, "method.stages")
+    if teacher_config is not None and stages is not None:  # progressive block removal: every round's rule
+        from distillery.methods.removal import stage_problems
+
+        problems.extend(stage_problems(cfg, teacher_config))
+    elif teacher_config is not None:
         try:
             with torch.device("meta"):
                 teacher_unet = UNet2DConditionModel.from_config(teacher_config)
@@ -164,15 +169,17 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     checked = preflight(cfg)
     # From a latent cache the VAE and text encoders are not even loaded.
     teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed, encoders=not cache)
-    student, _ = build_student(teacher.unet, cfg.arch.rule, rule_name=cfg.arch.name)
-    # A method module with a setup() (step distillation) adapts the student and adds arguments.
+    # A method module with a setup() (step distillation, progressive block removal) builds or
+    # adapts the student and adds arguments; its "feature_pairs" replace the arch's.
     method_module, method_cfg = method_setup(cfg)
     method_kwargs: dict[str, Any] = {}
     extra_info: dict[str, Any] = {}
+    student = None if getattr(method_module, "BUILDS_STUDENT", False) else \
+        build_student(teacher.unet, cfg.arch.rule, rule_name=cfg.arch.name)[0]
     if hasattr(method_module, "setup"):
         student, method_kwargs, extra_info = method_module.setup(cfg, teacher, student)
-    rule = OmegaConf.to_container(cfg.arch.rule, resolve=True)
-    pairs = resolve_pairs(
+    rule = extra_info.get("rule") or OmegaConf.to_container(cfg.arch.rule, resolve=True)
+    pairs = method_kwargs.pop("feature_pairs") if "feature_pairs" in method_kwargs else resolve_pairs(
         OmegaConf.to_container(cfg.arch.features.pairs, resolve=True)
         if OmegaConf.is_config(cfg.arch.features.pairs) else cfg.arch.features.pairs,
         teacher.unet.config, student.config, rule.get("drop_stages", []),
@@ -190,7 +197,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         teacher_src = str(Path(teacher_src).expanduser().resolve())
     loss = instantiate(cfg.loss)
     export_info = {
-        "arch": cfg.arch.name,
+        "arch": extra_info.get("arch", cfg.arch.name),
         "teacher": teacher_src,
         "teacher_seed": int(cfg.seed),
         "rule": rule,
@@ -326,7 +333,11 @@ def _check_resume(ckpt_path: str | None, model) -> int | None:
     from distillery.checkpoints import check_same_run, read_checkpoint
 
     ckpt = read_checkpoint(ckpt_path, mmap=True)
-    check_same_run(ckpt_path, ckpt, getattr(model, "export_info", {}))
+    info = getattr(model, "export_info", {})
+    if hasattr(model, "round_info"):  # trained in rounds: the student of the checkpoint's round
+        rounds = model.round_schedule.rounds
+        info = model.round_info(rounds[min(int((ckpt.get("rounds") or {}).get("round", 0)), len(rounds) - 1)])
+    check_same_run(ckpt_path, ckpt, info)
     return int(ckpt.get("global_step", 0))
 
 
@@ -456,7 +467,7 @@ def export_rounds(model, teacher, final_dir: Path, ema: bool) -> list[Path]:
     for r in model.round_schedule.rounds[:-1]:
         folder = model.round_folder(r)
         unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-        info = {**model.export_info, "sampling": model.sampling(r), "round": r.index}
+        info = {**model.round_info(r), "round": r.index}
         write_export(unet, info, folder, teacher, r.end, ema)
         dirs.append(folder)
     write_round_cards(records, [*dirs, final_dir])

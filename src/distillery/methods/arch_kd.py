@@ -46,14 +46,22 @@ class ArchKD(Distiller):
     ) -> None:
         super().__init__(teacher, student, optimizer, **kwargs)
         self.loss_fn = loss
-        self.feature_pairs = [tuple(p) for p in feature_pairs]
         self.use_teacher = loss.weights.needs_teacher
-        self.use_features = loss.weights.feature > 0 and bool(self.feature_pairs)
-        if loss.weights.feature > 0 and not self.feature_pairs:
+        self.tap_features(feature_pairs)
+
+    def tap_features(self, feature_pairs: Sequence[FeaturePair]) -> None:
+        """Record the paired features of the current teacher and student (replacing earlier taps)."""
+        for taps in ("teacher_taps", "student_taps"):
+            if getattr(self, taps, None) is not None:
+                getattr(self, taps).remove()
+                setattr(self, taps, None)
+        self.feature_pairs = [tuple(p) for p in feature_pairs]
+        self.use_features = self.loss_fn.weights.feature > 0 and bool(self.feature_pairs)
+        if self.loss_fn.weights.feature > 0 and not self.feature_pairs:
             raise ValueError("lambda_feat > 0 but the arch has no feature pairs (arch.features.pairs)")
         if self.use_features:
-            self.teacher_taps = FeatureTaps(teacher.unet, [t for t, _ in self.feature_pairs])
-            self.student_taps = FeatureTaps(student, [s for _, s in self.feature_pairs])
+            self.teacher_taps = FeatureTaps(self.teacher.unet, [t for t, _ in self.feature_pairs])
+            self.student_taps = FeatureTaps(self.student, [s for _, s in self.feature_pairs])
 
     def kd_terms(self, batch: dict, gen: torch.Generator) -> dict[str, Tensor]:
         """The loss terms of one batch, with noise and timesteps drawn from ``gen``."""

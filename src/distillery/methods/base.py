@@ -78,6 +78,7 @@ class Distiller(L.LightningModule):
         self.ema_decay, self.ema_warmup = ema_decay, ema_warmup
         if ema_decay:
             self.ema = make_ema(student, ema_decay, warmup=ema_warmup)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         if gradient_checkpointing:
             student.enable_gradient_checkpointing()
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see module docstring
@@ -275,7 +276,13 @@ class Distiller(L.LightningModule):
         params = [p for p in self.student.parameters() if p.requires_grad]
         extra = {"fused": True} if self.device.type == "cuda" else {}
         optimizer = self.optimizer_factory(params, **extra)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda())
+        # Built mid-run (a new student, see distillery.methods.removal): the schedule goes on from
+        # this step. At the start of a fit, resumed or not, the step is 0 here.
+        step = self.trainer.global_step if self._trainer is not None else 0
+        if step:
+            for group in optimizer.param_groups:
+                group["initial_lr"] = group["lr"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda(), last_epoch=step - 1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints --------------------------------------------------------------------------
