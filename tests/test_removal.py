@@ -171,3 +171,17 @@ def test_a_chain_that_cannot_be_built_is_refused_before_the_teacher_loads(tiny_s
     with pytest.raises(Exception, match=message) as info:
         train(compose_train([*CHAIN, f"arch.teacher={tiny_sd_folder}", *overrides], tmp_path))
     assert type(info.value).__name__ == error
+
+
+def test_several_processes_are_refused_at_the_start_of_the_fit(tiny_sd_folder, tmp_path):
+    """DistributedDataParallel wraps the student it was given; the student of round 1 would
+    train unsynchronised. A fit on more than one process stops before round 0 trains."""
+    from types import SimpleNamespace
+
+    from distillery.config import ConfigError
+    from distillery.training import build
+
+    model = build(compose_train([*CHAIN, f"arch.teacher={tiny_sd_folder}"], tmp_path))["model"]
+    model._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(), lightning_module=model)
+    with pytest.raises(ConfigError, match="SimpleNamespace wrapper of 2 processes cannot follow.*own run"):
+        model.on_fit_start()
