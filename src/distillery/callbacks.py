@@ -192,7 +192,7 @@ class TeacherStudentSamples(Callback):
             from distillery.schedule import step_scheduler
 
             n = int(sampling["num_inference_steps"])
-            row = generate(make_pipeline(teacher, student, step_scheduler(teacher)), prompts, ev.seed, n,
+            row = generate(make_pipeline(teacher, student, step_scheduler(teacher, sampling)), prompts, ev.seed, n,
                            float(sampling["guidance_scale"]), res)
             image = grid({"teacher": self._teacher_row[1], f"student {n} st.": row})
         else:
@@ -230,9 +230,9 @@ class TeacherStudentSamples(Callback):
 
 
 def _round_sampling(pl_module) -> dict | None:
-    """How the student of a step-distillation run samples in its current round, else None."""
-    if hasattr(pl_module, "sampling") and hasattr(pl_module, "round"):
-        return pl_module.sampling(pl_module.round)
+    """How the student of a step-distillation run samples (in its current round), else None."""
+    if hasattr(pl_module, "sampling"):
+        return pl_module.sampling(pl_module.round) if hasattr(pl_module, "round") else pl_module.sampling()
     return None
 
 

@@ -200,23 +200,79 @@ def _check_step_method(cfg: DictConfig, problems: list[str]) -> None:
         problems.append(f"method.guidance_scale={g!r} must be a number >= 1 (1: the teacher's conditional model, "
                         "no classifier-free guidance)")
     if guided:
-        lo, hi = m.get("w_min"), m.get("w_max")
-        if not all(isinstance(w, (int, float)) for w in (lo, hi)):
-            problems.append(f"method.w_min={lo!r} and method.w_max={hi!r} must be numbers (guidance scales)")
-        elif lo > hi:
-            problems.append(f"method.w_min={lo} > method.w_max={hi}: the guidance weights are drawn from "
-                            "[w_min, w_max]")
-        elif lo < 1:
-            problems.append(f"method.w_min={lo} must be >= 1 (diffusers' guidance_scale convention: 1 is the "
-                            "conditional model)")
-        dim = m.get("w_embedding_dim")
-        if not isinstance(dim, int) or dim < 2 or dim % 2:
-            problems.append(f"method.w_embedding_dim={dim!r} must be an even integer >= 2")
+        _check_guidance_range(m, problems)
     student = m.get("student")
     if student is not None:
         path = Path(str(student)).expanduser()
         if not ((path / "unet" / "config.json").is_file() or (path / "config.json").is_file()):
             problems.append(f"method.student={student!r} is not a pipeline folder with unet/ nor a U-Net folder "
+                            "(no config.json): give an exported student (<run>/student), or null")
+
+
+def _check_guidance_range(m: DictConfig, problems: list[str]) -> None:
+    """A method that embeds the guidance scale in the student (guided, lcm): its range and embedding."""
+    lo, hi = m.get("w_min"), m.get("w_max")
+    if not all(isinstance(w, (int, float)) for w in (lo, hi)):
+        problems.append(f"method.w_min={lo!r} and method.w_max={hi!r} must be numbers (guidance scales)")
+    elif lo > hi:
+        problems.append(f"method.w_min={lo} > method.w_max={hi}: the guidance weights are drawn from "
+                        "[w_min, w_max]")
+    elif lo < 1:
+        problems.append(f"method.w_min={lo} must be >= 1 (diffusers' guidance_scale convention: 1 is the "
+                        "conditional model)")
+    else:
+        g = m.get("sample_guidance_scale")
+        if g is not None and (not isinstance(g, (int, float)) or not lo <= g <= hi):
+            problems.append(f"method.sample_guidance_scale={g!r} is outside [method.w_min, method.w_max] = "
+                            f"[{lo}, {hi}], the guidance scales the student was distilled for (null: mid-range)")
+    dim = m.get("w_embedding_dim")
+    if not isinstance(dim, int) or dim < 2 or dim % 2:
+        problems.append(f"method.w_embedding_dim={dim!r} must be an even integer >= 2")
+
+
+def _check_lcm(cfg: DictConfig, problems: list[str]) -> None:
+    """Latent consistency distillation: the guidance range, the solver grid, the loss."""
+    from distillery.methods.lcm import LOSS_TYPES
+
+    m = cfg.method
+    _check_guidance_range(m, problems)
+    n = m.get("num_ddim_timesteps")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        problems.append(f"method.num_ddim_timesteps={n!r} must be an integer >= 1 (the teacher's solver grid)")
+    steps = m.get("sample_steps")
+    if not isinstance(steps, int) or steps < 1 or (isinstance(n, int) and n >= 1 and steps > n):
+        problems.append(f"method.sample_steps={steps!r} must be an integer in 1..method.num_ddim_timesteps ({n})")
+    if m.get("loss_type") not in LOSS_TYPES:
+        problems.append(f"method.loss_type={m.get('loss_type')!r} is not one of {', '.join(LOSS_TYPES)}")
+    for key, low, high in (("huber_c", 0, None), ("timestep_scaling", 0, None), ("sigma_data", 0, None),
+                           ("target_decay", None, 1)):
+        v = m.get(key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (low is None or v > low) and \
+            (high is None or 0 <= v < high)
+        if not ok:
+            problems.append(f"method.{key}={v!r} must be a number " + (f"> {low}" if low is not None else f"in [0, {high})"))
+    lora = m.get("lora")
+    rank = lora.get("rank") if OmegaConf.is_dict(lora) else None
+    if rank is not None:
+        from distillery.models.lora import peft_problem
+
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            problems.append(f"method.lora.rank={rank!r} must be an integer > 0 (e.g. 64), or null to train the full U-Net")
+        elif problem := peft_problem():
+            problems.append(problem)
+        if OmegaConf.select(cfg, "arch.name") != "copy" and m.get("init_from") is None:
+            problems.append(f"method.lora.rank={rank} with arch={OmegaConf.select(cfg, 'arch.name')}: the adapters' base "
+                            "would be an untrained block-removed cut of the teacher, which no pipeline holds; use "
+                            "arch=copy (LCM-LoRA of the teacher), or distil the student first and give its export as "
+                            "method.init_from")
+    fw = m.get("feature_weight")
+    if not isinstance(fw, (int, float)) or fw < 0:
+        problems.append(f"method.feature_weight={fw!r} must be a number >= 0")
+    init = m.get("init_from")
+    if init is not None:
+        path = Path(str(init)).expanduser()
+        if not ((path / "unet" / "config.json").is_file() or (path / "config.json").is_file()):
+            problems.append(f"method.init_from={init!r} is not a pipeline folder with unet/ nor a U-Net folder "
                             "(no config.json): give an exported student (<run>/student), or null")
 
 
@@ -252,6 +308,8 @@ def validate(cfg: DictConfig) -> None:
             _check_step_method(cfg, problems)
         if OmegaConf.select(cfg, "method.stages") is not None:
             _check_removal(cfg, problems)
+        if OmegaConf.select(cfg, "method.num_ddim_timesteps") is not None:
+            _check_lcm(cfg, problems)
     else:  # a whole pipeline trained from scratch: no teacher, no student
         _check_from_scratch(cfg, problems)
     _positive_int(cfg, "data.batch_size", problems)

@@ -37,3 +37,12 @@ def make_ema(model: nn.Module, decay: float, warmup: bool = True) -> AveragedMod
     fn = _warmup_multi_avg_fn(float(decay)) if warmup else get_ema_multi_avg_fn(float(decay))
     ema = AveragedModel(model, multi_avg_fn=fn, use_buffers=True)
     return ema.requires_grad_(False)
+
+
+@torch.no_grad()
+def lerp_update(target: nn.Module, source: nn.Module, decay: float) -> None:
+    """``target <- decay * target + (1 - decay) * source``, parameters and floating buffers, from
+    the first update on (a consistency model's target network; no copy, no warm-up)."""
+    t = [p for p in target.parameters()] + [b for b in target.buffers() if b.is_floating_point()]
+    s = [p for p in source.parameters()] + [b for b in source.buffers() if b.is_floating_point()]
+    torch._foreach_lerp_(t, [x.detach().to(y.dtype) for x, y in zip(s, t)], 1.0 - float(decay))

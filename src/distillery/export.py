@@ -49,6 +49,11 @@ def student_from_checkpoint(ckpt: dict, ema: bool = False, source: str | Path = 
         unet = UNet2DConditionModel.from_config(info["student_config"])
     except Exception as err:
         raise ExportError(f"the student description in {str(source)!r} does not build a U-Net: {err}") from None
+    if info.get("lora"):  # a LoRA student: the base U-Net with the adapter the run trained
+        from distillery.models.lora import add_lora
+
+        lora = info["lora"]
+        unet = add_lora(unet, lora["rank"], lora.get("alpha"), lora.get("targets"), lora.get("dropout", 0.0))
     expected = unet.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -70,17 +75,28 @@ def _sampling_lines(info: dict) -> tuple[str, int, float | None]:
     if not sampling:
         return "", 25, None
     steps, scale = int(sampling["num_inference_steps"]), float(sampling["guidance_scale"])
-    lines = [f"- step-distilled ({info.get('method')}): samples in **{steps} DDIM steps** "
-             f"({sampling.get('timestep_spacing', 'trailing')} timestep spacing; the scheduler in this folder)"]
+    scheduler = sampling.get("scheduler", "DDIMScheduler")
+    how = f"{sampling.get('timestep_spacing', 'trailing')} timestep spacing" if scheduler == "DDIMScheduler" else \
+        f"over the {sampling.get('original_inference_steps', 50)}-step solver grid it was distilled on"
+    lines = [f"- step-distilled ({info.get('method')}): samples in **{steps} steps of {scheduler}** "
+             f"({how}; the scheduler in this folder)"]
     if "guidance_range" in sampling:
         lo, hi = sampling["guidance_range"]
         lines.append(f"- guidance-conditioned: any guidance_scale in [{lo}, {hi}], one U-Net call per step "
                      "(the pipeline passes it as the U-Net's timestep_cond)")
+    elif "distilled_guidance_range" in sampling:
+        lo, hi = sampling["distilled_guidance_range"]
+        lines.append(f"- the teacher's guidance (scales {lo} to {hi}) is distilled in: sample with guidance_scale=1 "
+                     "(one U-Net call per step)")
     elif sampling.get("distilled_guidance_scale", 1.0) != 1.0:
         lines.append(f"- the teacher's guidance scale {sampling['distilled_guidance_scale']} is distilled in: "
                      "sample with guidance_scale=1 (one U-Net call per step)")
     if "round" in info:
         lines.append(f"- round {info['round']} of the rounds {info.get('rounds_schedule')}")
+    if info.get("lora"):
+        lines.append(f"- LoRA of rank {info['lora']['rank']} on the base U-Net: `pytorch_lora_weights.safetensors` "
+                     "loads into the base model's own pipeline (`pipe.load_lora_weights(<this folder>)`); the U-Net "
+                     "here has it merged in")
     return "\n".join(lines) + "\n", steps, scale
 
 
@@ -129,7 +145,12 @@ def write_export(unet, info: dict, out_dir: str | Path, teacher: Teacher, step: 
     the DDIM scheduler it was distilled for; a model card and ``distillery.json``."""
     from distillery.schedule import step_scheduler
 
-    scheduler = step_scheduler(teacher) if info.get("sampling") else None
+    scheduler = step_scheduler(teacher, info["sampling"]) if info.get("sampling") else None
+    lora_state = None
+    if info.get("lora"):  # the adapter as a LoRA file; the pipeline's U-Net with it merged in
+        from distillery.models.lora import fused, lora_state as adapter_state
+
+        lora_state, unet = adapter_state(unet), fused(unet)
     # The frozen parts may sit on a GPU in bf16 inside a training run: save float32 copies of
     # their weights (as the hub pipelines ship) and give them back as they were.
     frozen = [m for name, m in teacher.frozen_modules.items() if name != "teacher_unet"]
@@ -142,6 +163,10 @@ def write_export(unet, info: dict, out_dir: str | Path, teacher: Teacher, step: 
         pipe = make_pipeline(teacher, unet, scheduler)
         pipe.save_pretrained(out, safe_serialization=True)
         complete_pipeline_tokenizers(pipe, out)  # loadable with transformers 4 as well as 5
+        if lora_state is not None:
+            from distillery.models.lora import save_lora
+
+            save_lora(type(pipe), lora_state, out)
     finally:
         for module, (device, dtype) in zip(frozen, placement):
             place(module, device, dtype)

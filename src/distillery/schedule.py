@@ -110,6 +110,27 @@ class NoiseSchedule:
         return (z_s - ratio * z) / (a_s - ratio * a_t)
 
 
+def skipping_grid(num_train_timesteps: int, num_solver_steps: int) -> tuple[Tensor, Tensor]:
+    """The ODE solver grid of latent consistency distillation (and of ``LCMScheduler``'s
+    ``original_inference_steps``): ``num_solver_steps`` timesteps ``k - 1, 2k - 1, ..., T - 1``
+    with ``k = T // num_solver_steps``, and for each the timestep one solver step below it
+    (``t - k``, 0 at the bottom)."""
+    k = num_train_timesteps // num_solver_steps
+    ts = torch.arange(1, num_solver_steps + 1, dtype=torch.long) * k - 1
+    return ts, (ts - k).clamp(min=0)
+
+
+def consistency_boundary(t: Tensor, like: Tensor, sigma_data: float = 0.5,
+                         timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
+    """``c_skip`` and ``c_out`` of the consistency parameterisation ``f(z, t) = c_skip z + c_out x0``
+    at timesteps t, as ``LCMScheduler`` computes them (``timestep_scaling`` x t against
+    ``sigma_data``): c_skip -> 1 and c_out -> 0 at t = 0, the boundary condition f(z, 0) = z."""
+    scaled = t.float() * timestep_scaling
+    c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
+    c_out = scaled / (scaled ** 2 + sigma_data ** 2).sqrt()
+    return _expand(c_skip, like), _expand(c_out, like)
+
+
 def ddim_grid(scheduler, steps: int) -> tuple[Tensor, Tensor]:
     """The timesteps a DDIM ``scheduler`` visits in ``steps`` steps, and where each step lands
     (the scheduler's own ``t - num_train_timesteps // steps``; -1 and below: the end)."""
@@ -119,13 +140,27 @@ def ddim_grid(scheduler, steps: int) -> tuple[Tensor, Tensor]:
     return ts, prev.clamp(min=-1)
 
 
-def step_scheduler(teacher):
-    """The DDIM scheduler a step-distilled student samples with: the teacher's betas and
-    prediction type, ``trailing`` timestep spacing (where ``steps_offset`` plays no part) (the first step starts from t = T - 1, the
-    pure-noise end of the schedule, which matters most at 4 steps and below)."""
-    from diffusers import DDIMScheduler
+STEP_SCHEDULERS = ("DDIMScheduler", "LCMScheduler")
 
+
+def step_scheduler(teacher, sampling: dict | None = None):
+    """The scheduler a step-distilled student samples with (``sampling["scheduler"]``, its
+    export's), with the teacher's betas and prediction type. DDIM (the default): ``trailing``
+    timestep spacing (where ``steps_offset`` plays no part), the first step from t = T - 1,
+    the pure-noise end of the schedule, which matters most at 4 steps and below.
+    ``LCMScheduler``: the consistency sampler over the solver grid the student was distilled on
+    (``original_inference_steps``, ``timestep_scaling``)."""
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    sampling = sampling or {}
+    name = sampling.get("scheduler", "DDIMScheduler")
     base = dict(teacher.sampling_scheduler.config)
     base.update({k: v for k, v in teacher.noise_scheduler.config.items() if not k.startswith("_")})
+    if name == "LCMScheduler":
+        return LCMScheduler.from_config(base, original_inference_steps=int(sampling.get("original_inference_steps", 50)),
+                                        timestep_scaling=float(sampling.get("timestep_scaling", 10.0)),
+                                        clip_sample=False, thresholding=False, timestep_spacing="leading")
+    if name != "DDIMScheduler":
+        raise ValueError(f"sampling scheduler {name!r} is not one of {', '.join(STEP_SCHEDULERS)}")
     return DDIMScheduler.from_config(base, timestep_spacing="trailing", steps_offset=1, clip_sample=False,
                                      thresholding=False)

@@ -96,6 +96,9 @@ def preflight(cfg: DictConfig) -> dict[str, Any]:
             problems.append(err)
     if OmegaConf.select(cfg, "method.rounds") is not None:
         problems.extend(step_method_problems(cfg, teacher_config))
+    method_module = method_setup(cfg)[0]
+    if hasattr(method_module, "preflight_problems"):  # a method's own checks of the teacher's folder
+        problems.extend(method_module.preflight_problems(cfg, teacher_config))
     cache = cfg.data.get("cache")
     if cache:
         try:
@@ -438,7 +441,7 @@ def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: lis
         n = int(sampling["num_inference_steps"])
         rows[f"teacher {n} st."] = generate(make_pipeline(teacher, teacher.unet, step_scheduler(teacher)), prompts,
                                            cfg.eval.seed, n, g, res)
-        rows[f"student {n} st."] = generate(make_pipeline(teacher, student, step_scheduler(teacher)), prompts,
+        rows[f"student {n} st."] = generate(make_pipeline(teacher, student, step_scheduler(teacher, sampling)), prompts,
                                            cfg.eval.seed, n, float(sampling["guidance_scale"]), res)
     else:
         rows["student"] = generate(make_pipeline(teacher, student, sampler), prompts, cfg.eval.seed, steps, g, res)
@@ -483,7 +486,7 @@ def evaluate_at_end(cfg: DictConfig, teacher, student, export_dir: Path, out_dir
 
     from distillery.eval.metrics import FeatureDistance
     from distillery.eval.runner import (
-        EvalModel, at_steps, evaluate_models, log_results, prompts_and_reference, settings_from_config, write_results,
+        EvalModel, evaluate_models, log_results, prompts_and_reference, settings_from_config, step_baselines, write_results,
     )
 
     s = settings_from_config(cfg.eval, cfg.data, cfg.scheduler)
@@ -494,7 +497,7 @@ def evaluate_at_end(cfg: DictConfig, teacher, student, export_dir: Path, out_dir
     models = [EvalModel("teacher", "teacher", str(teacher.source), teacher),
               EvalModel("student", "student", str(export_dir), dataclasses.replace(teacher, unet=student), info)]
     if models[-1].sampling:  # a step-distilled student: the teacher also at the student's step count
-        models.insert(1, at_steps(models[0], models[-1].sampling))
+        models[1:1] = step_baselines(models[0], models[-1].sampling)
     results = evaluate_models(models, prompts, s, cfg.scheduler, distance, device, dtype=None)
     files = write_results(out_dir, results, s, origin, len(prompts), prompts)
     log_results(loggers, results, files["grid"], prompts[: s.grid_images])

@@ -76,18 +76,41 @@ class EvalModel:
         from distillery.sampling import build_sampler
         from distillery.schedule import step_scheduler
 
-        if self.sampling:  # the DDIM scheduler (trailing spacing) step distillation trains for
-            return step_scheduler(self.parts)
+        if self.sampling:  # the scheduler step distillation trains for (DDIM, trailing spacing; or LCM)
+            return step_scheduler(self.parts, self.sampling)
         return build_sampler(scheduler_cfg, self.parts.sampling_scheduler)[0]
 
 
-def at_steps(model: EvalModel, sampling: dict, label: str | None = None) -> EvalModel:
-    """``model`` (typically the teacher) sampled as a step-distilled student is: same scheduler,
-    its step count; the guidance scale stays the evaluation's."""
+def at_steps(model: EvalModel, sampling: dict, label: str | None = None, scheduler: str | None = None) -> EvalModel:
+    """``model`` (typically the teacher) sampled as a step-distilled student is: same scheduler
+    (or ``scheduler``), its step count; the guidance scale stays the evaluation's."""
     steps = int(sampling["num_inference_steps"])
+    name = scheduler or sampling.get("scheduler", "DDIMScheduler")
+    own = {k: sampling[k] for k in ("timestep_spacing", "original_inference_steps", "timestep_scaling")
+           if k in sampling and name == sampling.get("scheduler", "DDIMScheduler")}
     return EvalModel(label or f"{model.label}_{steps}steps", model.role, model.source, model.parts, model.info,
-                     sampling={"num_inference_steps": steps, "scheduler": sampling.get("scheduler", "DDIMScheduler"),
-                               "timestep_spacing": sampling.get("timestep_spacing", "trailing")})
+                     sampling={"num_inference_steps": steps, "scheduler": name,
+                               "timestep_spacing": "trailing" if name == "DDIMScheduler" else "leading", **own})
+
+
+def with_steps(model: EvalModel, steps: int) -> EvalModel:
+    """A step-distilled ``model`` sampled at ``steps`` instead of its export's count (same
+    scheduler, same guidance)."""
+    return EvalModel(f"{model.label}_{steps}steps", model.role, model.source, model.parts, model.info,
+                     sampling={**model.sampling, "num_inference_steps": int(steps)})
+
+
+def step_baselines(reference: EvalModel, sampling: dict) -> list[EvalModel]:
+    """The reference (the teacher) at a step-distilled student's step count: with DDIM (trailing
+    spacing), and also with the student's own scheduler when that is another (an LCM student:
+    the teacher's LCMScheduler samples, what the sampler alone gives without distillation)."""
+    n = int(sampling["num_inference_steps"])
+    out = [at_steps(reference, sampling, scheduler="DDIMScheduler")]
+    own = sampling.get("scheduler", "DDIMScheduler")
+    if own != "DDIMScheduler":
+        short = own.removesuffix("Scheduler").lower()
+        out.append(at_steps(reference, sampling, label=f"{reference.label}_{n}steps_{short}"))
+    return out
 
 
 def load_model(spec: str, label: str = "model", ema: bool = False, seed: int = 0) -> EvalModel:
@@ -523,7 +546,15 @@ def run_eval(cfg) -> dict:
         models.insert(0, reference)
         if models[-1].sampling and not reference.sampling:
             # A step-distilled student: the reference at its full steps and at the student's.
-            models.insert(1, at_steps(reference, models[-1].sampling))
+            models[1:1] = step_baselines(reference, models[-1].sampling)
+    steps = [int(n) for n in (cfg.get("distilled_steps") or [])]
+    if steps:
+        student = models[-1]
+        if not student.sampling:
+            raise EvalError(f"distilled_steps={steps}: model={cfg.model!r} is not step-distilled (its export carries no "
+                            "step count); give an export of method=progressive, guided or lcm, or distilled_steps=[]")
+        own = int(student.sampling["num_inference_steps"])
+        models.extend(with_steps(student, n) for n in steps if n != own)
     for i, spec in enumerate(cfg.get("extra_models") or []):  # more students, same prompts and seeds
         extra = load_model(spec, label=f"model{i + 2}", seed=int(cfg.seed))
         extra.label = str(extra.info.get("method") or extra.info.get("arch") or extra.label)

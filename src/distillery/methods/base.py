@@ -216,12 +216,14 @@ class Distiller(L.LightningModule):
         return uncond + w * (cond - uncond)
 
     def student_output(self, noisy: Tensor, timesteps: Tensor, text: Tensor, added: dict | None,
-                       timestep_cond: Tensor | None = None) -> Tensor:
-        """The student's prediction, in the student's (training) precision."""
+                       timestep_cond: Tensor | None = None, unet: nn.Module | None = None) -> Tensor:
+        """The student's prediction, in the student's (training) precision; ``unet``: another
+        module of the student's kind (a consistency model's target network)."""
         if added:
             added = {k: v.to(noisy.dtype) for k, v in added.items()}
-        return self.student(noisy, timesteps, text.to(noisy.dtype), added_cond_kwargs=added,
-                            timestep_cond=timestep_cond.to(noisy.dtype) if timestep_cond is not None else None).sample
+        unet = unet if unet is not None else self.student
+        return unet(noisy, timesteps, text.to(noisy.dtype), added_cond_kwargs=added,
+                    timestep_cond=timestep_cond.to(noisy.dtype) if timestep_cond is not None else None).sample
 
     # ---- the step -----------------------------------------------------------------------------
     def terms(self, batch: dict, gen: torch.Generator) -> dict[str, Tensor]:
