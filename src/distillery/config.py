@@ -201,11 +201,16 @@ def _check_step_method(cfg: DictConfig, problems: list[str]) -> None:
                         "no classifier-free guidance)")
     if guided:
         _check_guidance_range(m, problems)
-    student = m.get("student")
-    if student is not None:
-        path = Path(str(student)).expanduser()
+    _check_unet_folder(m, "student", problems)
+
+
+def _check_unet_folder(m: DictConfig, key: str, problems: list[str]) -> None:
+    """``method.<key>``, when set, must be a pipeline folder with unet/ or a U-Net folder."""
+    folder = m.get(key)
+    if folder is not None:
+        path = Path(str(folder)).expanduser()
         if not ((path / "unet" / "config.json").is_file() or (path / "config.json").is_file()):
-            problems.append(f"method.student={student!r} is not a pipeline folder with unet/ nor a U-Net folder "
+            problems.append(f"method.{key}={folder!r} is not a pipeline folder with unet/ nor a U-Net folder "
                             "(no config.json): give an exported student (<run>/student), or null")
 
 
@@ -268,12 +273,7 @@ def _check_lcm(cfg: DictConfig, problems: list[str]) -> None:
     fw = m.get("feature_weight")
     if not isinstance(fw, (int, float)) or fw < 0:
         problems.append(f"method.feature_weight={fw!r} must be a number >= 0")
-    init = m.get("init_from")
-    if init is not None:
-        path = Path(str(init)).expanduser()
-        if not ((path / "unet" / "config.json").is_file() or (path / "config.json").is_file()):
-            problems.append(f"method.init_from={init!r} is not a pipeline folder with unet/ nor a U-Net folder "
-                            "(no config.json): give an exported student (<run>/student), or null")
+    _check_unet_folder(m, "init_from", problems)
 
 
 def _check_removal(cfg: DictConfig, problems: list[str]) -> None:
