@@ -217,3 +217,26 @@ def test_eval_samples_an_lcm_export_at_several_step_counts(tiny_sd_folder, tmp_p
     assert got["reference_4steps"][:2] == ("DDIMScheduler", 4)
     assert got["reference_4steps_lcm"][:2] == ("LCMScheduler", 4)
     assert [m["label"] for m in doc["models"]][:3] == ["reference", "reference_4steps", "reference_4steps_lcm"]
+
+
+def test_end_of_run_evaluation_samples_the_student_at_more_step_counts(tiny_sd_folder, tmp_path):
+    from test_teacher_cache import QUICK_EVAL
+
+    run = tmp_path / "run"
+    train(compose_train([*LCM, f"arch.teacher={tiny_sd_folder}", "trainer.max_steps=1", "export_at_end=true",
+                         "eval.at_end=true", "eval.distilled_steps=[1,2,4]", *QUICK_EVAL], run))
+    doc = json.loads((run / "eval" / "results.json").read_text())
+    got = {m["label"]: (m["sampling"]["sampler"], m["sampling"]["steps"]) for m in doc["models"]}
+    assert got["student"] == ("LCMScheduler", 4)  # its export's count, not repeated
+    assert got["student_1steps"] == ("LCMScheduler", 1) and got["student_2steps"] == ("LCMScheduler", 2)
+    assert len(got) == 6 and all("vs_teacher/psnr_db" in m["metrics"] for m in doc["models"][1:])
+
+
+@pytest.mark.parametrize("bad", ["eval.distilled_steps=[0]", "eval.distilled_steps=[2,a]"])
+def test_bad_end_of_run_step_counts_are_refused_before_the_teacher_loads(bad, tmp_path, monkeypatch):
+    from distillery import training
+    from distillery.config import ConfigError
+
+    monkeypatch.setattr(training, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    with pytest.raises(ConfigError, match=r"eval\.distilled_steps=.* must be a list of positive step counts"):
+        train(compose_train([*LCM, "arch.teacher=tiny-random", bad], tmp_path))

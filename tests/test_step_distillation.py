@@ -203,6 +203,25 @@ def test_guided_stage_one_matches_the_teachers_guided_output_at_init(tiny_sd_fol
     assert float(terms["guidance"]) < 1e-8
 
 
+@pytest.mark.parametrize("where", ["all", "grid"])
+def test_guided_stage_one_timesteps_all_or_on_its_own_grid(where, tiny_sd_folder, tmp_path):
+    """method.guidance_timesteps: stage one draws from the whole schedule, or only from the DDIM
+    grid of teacher_steps that the progressive rounds start from."""
+    from distillery.schedule import ddim_grid
+    from distillery.training import build
+
+    cfg = compose_train([*BASE, f"arch.teacher={tiny_sd_folder}", "method=guided", "method.w_embedding_dim=16",
+                         f"method.guidance_timesteps={where}"], tmp_path)
+    model = build(cfg)["model"]
+    assert model.round.kind == "guidance" and model.round.steps == 8
+    drawn = set(model.draw_guidance_timesteps(4000, torch.Generator().manual_seed(0)).tolist())
+    grid = set(ddim_grid(model.sampler, 8)[0].tolist())
+    if where == "grid":
+        assert drawn == grid, (sorted(drawn), sorted(grid))
+    else:
+        assert len(drawn) > 900 and min(drawn) == 0 and max(drawn) == 999
+
+
 def test_composition_block_removed_student_keeps_feature_kd_on_round_zero(tiny_sd_folder, tmp_path):
     import csv
 
@@ -274,6 +293,7 @@ def test_resume_without_the_previous_rounds_unet_is_explained(tiny_sd_folder, tm
     (["method.w_min=8", "method.w_max=2"], r"method.w_min=8 > method.w_max=2"),
     (["method.steps_per_round=[1,2]"], r"sums to 3, not trainer.max_steps=4"),
     (["method.weighting=snr"], r"method.weighting='snr' is not one of auto, truncated_snr, snr_plus_one, output"),
+    (["method.w_min=2", "method.guidance_timesteps=some"], r"method.guidance_timesteps='some' is not one of all, grid"),
 ])
 def test_bad_round_settings_are_refused_before_the_teacher_loads(overrides, message, tmp_path, monkeypatch):
     from distillery import training

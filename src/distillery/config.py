@@ -201,6 +201,11 @@ def _check_step_method(cfg: DictConfig, problems: list[str]) -> None:
                         "no classifier-free guidance)")
     if guided:
         _check_guidance_range(m, problems)
+        from distillery.methods.guided import GUIDANCE_TIMESTEPS
+
+        if m.get("guidance_timesteps") not in GUIDANCE_TIMESTEPS:
+            problems.append(f"method.guidance_timesteps={m.get('guidance_timesteps')!r} is not one of "
+                            f"{', '.join(GUIDANCE_TIMESTEPS)}")
     _check_unet_folder(m, "student", problems)
 
 
@@ -316,6 +321,10 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(cfg, "data.resolution", problems, minimum=8)
     _positive_int(cfg, "data.num_workers", problems, minimum=0)
     _positive_int(cfg, "trainer.max_steps", problems)
+    steps = OmegaConf.select(cfg, "eval.distilled_steps", default=None) or []
+    if not OmegaConf.is_list(steps) and not isinstance(steps, (list, tuple)) \
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in steps):
+        problems.append(f"eval.distilled_steps={steps!r} must be a list of positive step counts, e.g. [1,2,8]")
     _positive_int(cfg, "trainer.accumulate_grad_batches", problems)
     dropout = OmegaConf.select(cfg, "data.caption_dropout", default=0.0)
     if not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:

@@ -486,7 +486,8 @@ def evaluate_at_end(cfg: DictConfig, teacher, student, export_dir: Path, out_dir
 
     from distillery.eval.metrics import FeatureDistance
     from distillery.eval.runner import (
-        EvalModel, evaluate_models, log_results, prompts_and_reference, settings_from_config, step_baselines, write_results,
+        EvalModel, evaluate_models, log_results, prompts_and_reference, settings_from_config, step_baselines, with_steps,
+        write_results,
     )
 
     s = settings_from_config(cfg.eval, cfg.data, cfg.scheduler)
@@ -496,8 +497,14 @@ def evaluate_at_end(cfg: DictConfig, teacher, student, export_dir: Path, out_dir
     info = json.loads((export_dir / "distillery.json").read_text())
     models = [EvalModel("teacher", "teacher", str(teacher.source), teacher),
               EvalModel("student", "student", str(export_dir), dataclasses.replace(teacher, unet=student), info)]
-    if models[-1].sampling:  # a step-distilled student: the teacher also at the student's step count
-        models[1:1] = step_baselines(models[0], models[-1].sampling)
+    student_model = models[-1]
+    if student_model.sampling:  # a step-distilled student: the teacher also at the student's step count
+        models[1:1] = step_baselines(models[0], student_model.sampling)
+        own = int(student_model.sampling["num_inference_steps"])
+        models.extend(with_steps(student_model, int(n)) for n in cfg.eval.get("distilled_steps") or [] if int(n) != own)
+    elif cfg.eval.get("distilled_steps"):
+        log.warning(f"eval.distilled_steps={list(cfg.eval.distilled_steps)}: the student is not step-distilled "
+                    "(it samples with the evaluation's scheduler); evaluated at its own steps only")
     results = evaluate_models(models, prompts, s, cfg.scheduler, distance, device, dtype=None)
     files = write_results(out_dir, results, s, origin, len(prompts), prompts)
     log_results(loggers, results, files["grid"], prompts[: s.grid_images])

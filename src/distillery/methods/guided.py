@@ -3,8 +3,11 @@
 Stage one (round 0): a student conditioned on the guidance weight w learns, in one forward
 pass, the teacher's classifier-free-guided output ``uncond + w (cond - uncond)`` for w drawn
 uniformly from [w_min, w_max] (diffusers' guidance-scale convention: w = 1 is the plain
-conditional model), at timesteps drawn from the whole schedule; the loss is the squared error
-in the teacher's output space (epsilon or v). The w-embedding is diffusers' own: the student
+conditional model); the loss is the squared error in the teacher's output space (epsilon or v).
+Its timesteps (``guidance_timesteps``): ``all`` draws them from the whole training schedule, as
+the paper does; ``grid`` draws them from the DDIM grid of ``teacher_steps`` (trailing spacing),
+the only timesteps the progressive rounds that follow ever start from. On a small budget the
+second learns the new w-input where it is used instead of spreading it over 1000 timesteps. The w-embedding is diffusers' own: the student
 U-Net has ``time_cond_proj_dim`` set, its time embedding adds a projection of the sinusoidal
 embedding of ``1000 (w - 1)``, which ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
 compute from ``guidance_scale`` and pass as ``timestep_cond``; such a pipeline then skips the
@@ -29,6 +32,7 @@ from distillery.methods.base import guidance_embedding
 from distillery.methods.progressive import ProgressiveDistillation
 
 log = logging.getLogger(__name__)
+GUIDANCE_TIMESTEPS = ("all", "grid")
 
 
 class GuidanceEmbeddingError(ValueError):
@@ -64,8 +68,13 @@ def with_guidance_embedding(unet: nn.Module, dim: int, where: str = "the student
 
 class GuidedDistillation(ProgressiveDistillation):
     def __init__(self, teacher, student: nn.Module, optimizer: Any, *, w_min: float = 1.0, w_max: float = 8.0,
-                 sample_guidance_scale: float | None = None, **kwargs: Any) -> None:
+                 sample_guidance_scale: float | None = None, guidance_timesteps: str = "all",
+                 **kwargs: Any) -> None:
         super().__init__(teacher, student, optimizer, **kwargs)
+        if guidance_timesteps not in GUIDANCE_TIMESTEPS:
+            raise ValueError(f"method.guidance_timesteps={guidance_timesteps!r} is not one of "
+                             f"{', '.join(GUIDANCE_TIMESTEPS)}")
+        self.guidance_timesteps = guidance_timesteps
         self.w_min, self.w_max = float(w_min), float(w_max)
         self.w_dim = int(student.config.time_cond_proj_dim)
         self.sample_guidance_scale = float(sample_guidance_scale) if sample_guidance_scale is not None \
@@ -80,12 +89,19 @@ class GuidedDistillation(ProgressiveDistillation):
         w = self.w_min + (self.w_max - self.w_min) * torch.rand(n, generator=gen, device=self.device)
         return w, guidance_embedding(w, self.w_dim).to(self.device)
 
+    def draw_guidance_timesteps(self, n: int, gen: torch.Generator) -> Tensor:
+        """Stage one's timesteps: from the whole schedule, or from the guidance round's DDIM grid."""
+        if self.guidance_timesteps == "all":
+            return torch.randint(0, self.schedule.num_train_timesteps, (n,), generator=gen, device=self.device)
+        ts, _ = self.grid(self.round.steps)
+        return ts[torch.randint(0, len(ts), (n,), generator=gen, device=self.device)]
+
     def terms(self, batch: dict, gen: torch.Generator) -> dict[str, Tensor]:
         latents = self.latents(batch, gen)
         text, added = self.encode_conditioning(batch)
         n = latents.shape[0]
         if self.round.kind == "guidance":  # stage one
-            t = torch.randint(0, self.schedule.num_train_timesteps, (n,), generator=gen, device=self.device)
+            t = self.draw_guidance_timesteps(n, gen)
             noise = torch.randn(latents.shape, generator=gen, device=self.device)
             w, emb = self.draw_w(n, gen)
             z = self.schedule.add_noise(latents, noise, t)
