@@ -276,3 +276,15 @@ def test_debug_fast_composes_and_validates(train_cfg):
     validate(cfg)
     assert cfg.trainer.max_steps == 4
     assert cfg.logger is None
+
+
+def test_demo_step_recipes_are_the_ones_the_readme_measures(train_cfg):
+    guided = train_cfg("experiment=demo_guided")
+    assert (guided.method.teacher_steps, list(guided.method.rounds), guided.method.guidance_timesteps) == (16, [8, 4], "grid")
+    assert list(guided.method.steps_per_round) == [600, 300, 300] and guided.optim.lr_scheduler.name == "cosine"
+    assert (guided.method.w_min, guided.method.w_max) == (2.0, 8.0)
+    lcm = train_cfg("experiment=demo_lcm")
+    assert lcm.trainer.max_steps == 1000 and lcm.optim.lr_scheduler.name == "cosine"
+    assert lcm.method.num_ddim_timesteps == 50 and lcm.method.sample_steps == 4
+    # The progressive demo keeps its constant rate.
+    assert train_cfg("experiment=demo_progressive").optim.lr_scheduler.name == "constant"

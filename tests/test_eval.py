@@ -276,6 +276,21 @@ def test_collect_summarises_runs_by_loss_with_mean_and_spread(tmp_path, capsys):
         collect.main([str(tmp_path / "kd0" / "nothing")])
 
 
+def test_collect_keeps_a_students_step_counts_apart(tmp_path, capsys):
+    from distillery.eval import collect
+
+    for seed, base in enumerate((20.0, 22.0)):
+        models = [{"label": "teacher", "role": "teacher", "source": "shapes-teacher", "metrics": {"fid": 2.0}}]
+        models += [{"label": label, "role": "student", "method": "lcm", "source": f"s{seed}",
+                    "sampling": {"steps": steps}, "metrics": {"fid": 3.0, "vs_teacher/psnr_db": base + steps}}
+                   for label, steps in (("student", 4), ("student_1steps", 1))]
+        (tmp_path / f"s{seed}" / "eval").mkdir(parents=True)
+        (tmp_path / f"s{seed}" / "eval" / "results.json").write_text(json.dumps({"models": models}))
+    collect.main([str(tmp_path), "--by", "method", "--figures", "vs_teacher/psnr_db"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "| lcm, 4 steps | 2 | 25.000 ± 1.414 |" in lines and "| lcm, 1 step | 2 | 22.000 ± 1.414 |" in lines
+
+
 def test_eval_of_an_sdxl_pipeline(tiny_sdxl_folder, tmp_path):
     from distillery.eval.runner import run_eval
 

@@ -71,9 +71,19 @@ def summary_table(rows: list[dict], by: str = "loss", figures: tuple[str, ...] =
     figure as mean ± standard deviation over the runs that share it (e.g. seeds)."""
     import statistics
 
+    def value(r: dict) -> str:  # teachers by label: "teacher", and "teacher_4steps" beside a 4-step student
+        return r["label"] if r["role"] == "teacher" else (r.get(by) or r["label"])
+
+    # Students of one value sampled at several step counts (eval.distilled_steps) stay apart.
+    step_counts: dict[str, set] = {}
+    for r in rows:
+        step_counts.setdefault(value(r), set()).add(r.get("steps"))
     groups: dict[str, list[dict]] = {}
-    for r in rows:  # teachers by label: "teacher", and "teacher_4steps" beside a 4-step student
-        key = r["label"] if r["role"] == "teacher" else (r.get(by) or r["label"])
+    for r in rows:
+        key = value(r)
+        if r["role"] != "teacher" and len(step_counts[key]) > 1:
+            n = r.get("steps")
+            key = f"{key}, {n} step{'' if n == 1 else 's'}"
         groups.setdefault(key, []).append(r)
     shown = [f for f in figures if any(f in r for r in rows)]
     lines = [f"| {by} | runs | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
