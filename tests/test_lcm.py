@@ -240,3 +240,28 @@ def test_bad_end_of_run_step_counts_are_refused_before_the_teacher_loads(bad, tm
     monkeypatch.setattr(training, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     with pytest.raises(ConfigError, match=r"eval\.distilled_steps=.* must be a list of positive step counts"):
         train(compose_train([*LCM, "arch.teacher=tiny-random", bad], tmp_path))
+
+
+def test_two_stages_arch_kd_student_then_consistency_distillation_from_it(tiny_sd_folder, tmp_path):
+    """method.init_from=<an arch KD run's student>: the LCM student starts from those weights, and
+    the run checkpoints, resumes and exports (its checkpoint holds plain data only)."""
+    from diffusers import UNet2DConditionModel
+
+    kd = train(compose_train([*FAST, "arch=bk_small", f"arch.teacher={tiny_sd_folder}", "trainer.max_steps=1",
+                              "export_at_end=true"], tmp_path / "kd"))
+    kd_unet = UNet2DConditionModel.from_pretrained(Path(kd["export_dir"]) / "unet")
+    common = [*LCM, "arch=bk_small", f"arch.teacher={tiny_sd_folder}", f"method.init_from={kd['export_dir']}",
+              "optim.optimizer.lr=1e-12", "export_at_end=true", "callbacks.model_checkpoint.every_n_train_steps=1"]
+    run = tmp_path / "lcm"
+    train(compose_train([*common, "trainer.max_steps=2"], run))
+    result = train(compose_train([*common, "ckpt_path=last"], run))  # resumed to step 3
+    assert result["global_step"] == 3
+    export = Path(result["export_dir"])
+    info = json.loads((export / "distillery.json").read_text())
+    assert info["student_init"] == str(kd["export_dir"]) and info["arch"] == "bk_small"
+    unet = UNet2DConditionModel.from_pretrained(export / "unet")
+    assert unet.config.time_cond_proj_dim == 256
+    ours, theirs = unet.state_dict(), kd_unet.state_dict()
+    assert set(ours) - set(theirs) == {"time_embedding.cond_proj.weight"}
+    for k in theirs:  # a learning rate of 1e-12: still the KD student's weights
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-8)

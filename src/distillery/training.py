@@ -204,7 +204,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         "teacher": teacher_src,
         "teacher_seed": int(cfg.seed),
         "rule": rule,
-        "student_config": dict(student.config),
+        # Without where it was read from (a folder's path: not a checkpoint's plain data).
+        "student_config": {k: v for k, v in student.config.items() if k != "_name_or_path"},
         "feature_pairs": [list(p) for p in pairs],
         "loss": {"task": loss.weights.task, "output": loss.weights.output, "feature": loss.weights.feature},
         "prediction_type": teacher.prediction_type,

@@ -169,7 +169,7 @@ def load_student_folder(folder: str):
         raise ConfigError(f"method.student={folder!r} is not a pipeline folder with unet/ nor a U-Net folder "
                           "(no config.json): give an exported student (<run>/student) or null for a copy of the "
                           "student arch.rule builds from the teacher")
-    return UNet2DConditionModel.from_pretrained(sub, torch_dtype=torch.float32)
+    return UNet2DConditionModel.from_pretrained(str(sub), torch_dtype=torch.float32)
 
 
 def setup(cfg, teacher, student, guided: bool = False) -> tuple[nn.Module, dict, dict]:
