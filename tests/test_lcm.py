@@ -265,3 +265,32 @@ def test_two_stages_arch_kd_student_then_consistency_distillation_from_it(tiny_s
     assert set(ours) - set(theirs) == {"time_embedding.cond_proj.weight"}
     for k in theirs:  # a learning rate of 1e-12: still the KD student's weights
         torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-8)
+
+
+def test_teacher_with_an_unknown_prediction_type_is_refused_before_it_loads(tiny_sd_folder, tmp_path, monkeypatch):
+    import shutil
+
+    from distillery import training
+    from distillery.config import ConfigError
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_sd_folder, teacher)
+    config = teacher / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "x0"}))
+    monkeypatch.setattr(training, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    with pytest.raises(ConfigError, match=r"prediction_type='x0' is not one of epsilon, v_prediction, sample"):
+        train(compose_train([*LCM, f"arch.teacher={teacher}"], tmp_path / "run"))
+
+
+def test_block_removed_sdxl_student_vega_with_consistency_distillation(tiny_sdxl_folder, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    result = train(compose_train([*LCM, "arch=vega", f"arch.teacher={tiny_sdxl_folder}", "trainer.max_steps=2",
+                                  "export_at_end=true", "scheduler.num_inference_steps=2"], tmp_path / "run"))
+    export = Path(result["export_dir"])
+    info = json.loads((export / "distillery.json").read_text())
+    assert info["arch"] == "vega" and info["method"] == "lcm" and info["scheduler"] == "LCMScheduler"
+    student = UNet2DConditionModel.from_pretrained(export / "unet")
+    teacher = UNet2DConditionModel.from_pretrained(Path(tiny_sdxl_folder) / "unet")
+    assert student.config.time_cond_proj_dim == 256 and student.config.addition_embed_type == "text_time"
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())

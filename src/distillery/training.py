@@ -63,6 +63,28 @@ def _instantiate_data(data_cfg: DictConfig):
         raise
 
 
+def prediction_type_problem(cfg: DictConfig) -> Exception | None:
+    """A local teacher whose scheduler predicts what no method can form targets from (read from
+    ``scheduler/scheduler_config.json``; a hub teacher is checked once loaded)."""
+    import json
+
+    from distillery.config import ConfigError
+    from distillery.models.teacher import teacher_path
+    from distillery.schedule import PREDICTION_TYPES
+
+    teacher = OmegaConf.select(cfg, "arch.teacher")
+    if not isinstance(teacher, str):
+        return None
+    file = Path(teacher_path(teacher)).expanduser() / "scheduler" / "scheduler_config.json"
+    if not file.is_file():
+        return None
+    kind = json.loads(file.read_text()).get("prediction_type", "epsilon")
+    if kind in PREDICTION_TYPES:
+        return None
+    return ConfigError(f"arch.teacher={teacher!r}: its scheduler's prediction_type={kind!r} is not one of "
+                       f"{', '.join(PREDICTION_TYPES)}, the targets distillery can form")
+
+
 def preflight(cfg: DictConfig) -> dict[str, Any]:
     """What the configs alone can tell, checked before any teacher weight is read: the rule
     applies to the teacher's U-Net config (``unet/config.json``; the student is derived on the
@@ -96,6 +118,8 @@ def preflight(cfg: DictConfig) -> dict[str, Any]:
             problems.append(err)
     if OmegaConf.select(cfg, "method.rounds") is not None:
         problems.extend(step_method_problems(cfg, teacher_config))
+    if (problem := prediction_type_problem(cfg)) is not None:
+        problems.append(problem)
     method_module = method_setup(cfg)[0]
     if hasattr(method_module, "preflight_problems"):  # a method's own checks of the teacher's folder
         problems.extend(method_module.preflight_problems(cfg, teacher_config))
