@@ -64,21 +64,15 @@ def _instantiate_data(data_cfg: DictConfig):
 
 
 def prediction_type_problem(cfg: DictConfig) -> Exception | None:
-    """A local teacher whose scheduler predicts what no method can form targets from (read from
-    ``scheduler/scheduler_config.json``; a hub teacher is checked once loaded)."""
-    import json
-
+    """A local teacher whose scheduler predicts what no method can form targets from (a hub
+    teacher is checked once loaded)."""
     from distillery.config import ConfigError
-    from distillery.models.teacher import teacher_path
+    from distillery.models.teacher import local_scheduler_config
     from distillery.schedule import PREDICTION_TYPES
 
     teacher = OmegaConf.select(cfg, "arch.teacher")
-    if not isinstance(teacher, str):
-        return None
-    file = Path(teacher_path(teacher)).expanduser() / "scheduler" / "scheduler_config.json"
-    if not file.is_file():
-        return None
-    kind = json.loads(file.read_text()).get("prediction_type", "epsilon")
+    config = local_scheduler_config(teacher) if isinstance(teacher, str) else None
+    kind = (config or {}).get("prediction_type", "epsilon")
     if kind in PREDICTION_TYPES:
         return None
     return ConfigError(f"arch.teacher={teacher!r}: its scheduler's prediction_type={kind!r} is not one of "
@@ -511,7 +505,7 @@ def evaluate_at_end(cfg: DictConfig, teacher, student, export_dir: Path, out_dir
 
     from distillery.eval.metrics import FeatureDistance
     from distillery.eval.runner import (
-        EvalModel, evaluate_models, log_results, prompts_and_reference, settings_from_config, step_baselines, with_steps,
+        EvalModel, evaluate_models, log_results, prompts_and_reference, settings_from_config, step_baselines, at_more_steps,
         write_results,
     )
 
@@ -525,8 +519,7 @@ def evaluate_at_end(cfg: DictConfig, teacher, student, export_dir: Path, out_dir
     student_model = models[-1]
     if student_model.sampling:  # a step-distilled student: the teacher also at the student's step count
         models[1:1] = step_baselines(models[0], student_model.sampling)
-        own = int(student_model.sampling["num_inference_steps"])
-        models.extend(with_steps(student_model, int(n)) for n in cfg.eval.get("distilled_steps") or [] if int(n) != own)
+        models.extend(at_more_steps(student_model, cfg.eval.get("distilled_steps") or []))
     elif cfg.eval.get("distilled_steps"):
         log.warning(f"eval.distilled_steps={list(cfg.eval.distilled_steps)}: the student is not step-distilled "
                     "(it samples with the evaluation's scheduler); evaluated at its own steps only")

@@ -100,6 +100,12 @@ def with_steps(model: EvalModel, steps: int) -> EvalModel:
                      sampling={**model.sampling, "num_inference_steps": int(steps)})
 
 
+def at_more_steps(model: EvalModel, steps) -> list[EvalModel]:
+    """A step-distilled ``model`` at each of ``steps`` other than its export's own count."""
+    own = int(model.sampling["num_inference_steps"])
+    return [with_steps(model, int(n)) for n in steps if int(n) != own]
+
+
 def step_baselines(reference: EvalModel, sampling: dict) -> list[EvalModel]:
     """The reference (the teacher) at a step-distilled student's step count: with DDIM (trailing
     spacing), and also with the student's own scheduler when that is another (an LCM student:
@@ -553,8 +559,7 @@ def run_eval(cfg) -> dict:
         if not student.sampling:
             raise EvalError(f"distilled_steps={steps}: model={cfg.model!r} is not step-distilled (its export carries no "
                             "step count); give an export of method=progressive, guided or lcm, or distilled_steps=[]")
-        own = int(student.sampling["num_inference_steps"])
-        models.extend(with_steps(student, n) for n in steps if n != own)
+        models.extend(at_more_steps(student, steps))
     for i, spec in enumerate(cfg.get("extra_models") or []):  # more students, same prompts and seeds
         extra = load_model(spec, label=f"model{i + 2}", seed=int(cfg.seed))
         extra.label = str(extra.info.get("method") or extra.info.get("arch") or extra.label)

@@ -7,9 +7,9 @@ conditional model); the loss is the squared error in the teacher's output space 
 Its timesteps (``guidance_timesteps``): ``all`` draws them from the whole training schedule, as
 the paper does; ``grid`` draws them from the DDIM grid of ``teacher_steps`` (trailing spacing),
 the only timesteps the progressive rounds that follow ever start from. On a small budget the
-second learns the new w-input where it is used instead of spreading it over 1000 timesteps. The w-embedding is diffusers' own: the student
-U-Net has ``time_cond_proj_dim`` set, its time embedding adds a projection of the sinusoidal
-embedding of ``1000 (w - 1)``, which ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
+second learns the new w-input where it is used instead of spreading it over 1000 timesteps.
+The w-embedding is diffusers' own: the student U-Net has ``time_cond_proj_dim`` set, its time
+embedding adds a projection of the sinusoidal embedding of ``1000 (w - 1)``, which ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
 compute from ``guidance_scale`` and pass as ``timestep_cond``; such a pipeline then skips the
 unconditional pass, so the exported student does one U-Net call per sampling step. The
 projection starts at zero, so the student starts as the teacher's conditional model.

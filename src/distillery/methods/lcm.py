@@ -171,17 +171,13 @@ def solver_grid_problem(num_ddim_timesteps: int, num_train_timesteps: int) -> st
 def preflight_problems(cfg, teacher_config) -> list[Exception]:
     """What the teacher's folder tells before its weights load: the solver grid against its
     training schedule (a hub teacher is checked once loaded)."""
-    import json
-    from pathlib import Path
-
     from distillery.config import ConfigError
-    from distillery.models.teacher import teacher_path
+    from distillery.models.teacher import local_scheduler_config
 
-    folder = Path(teacher_path(str(cfg.arch.teacher))).expanduser() / "scheduler" / "scheduler_config.json"
-    if not folder.is_file():
+    config = local_scheduler_config(str(cfg.arch.teacher))
+    if config is None:
         return []
-    total = int(json.loads(folder.read_text()).get("num_train_timesteps", 1000))
-    problem = solver_grid_problem(int(cfg.method.num_ddim_timesteps), total)
+    problem = solver_grid_problem(int(cfg.method.num_ddim_timesteps), int(config.get("num_train_timesteps", 1000)))
     return [ConfigError(problem)] if problem else []
 
 

@@ -200,6 +200,16 @@ def local_vae_factor(source: str) -> int | None:
         return None
 
 
+def local_scheduler_config(source: str) -> dict | None:
+    """The scheduler config of a local teacher folder (a shipped teacher's included), read without
+    loading anything; None for a hub id or a folder without scheduler/scheduler_config.json."""
+    config = Path(teacher_path(source)).expanduser() / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def looks_like_path(source: str) -> bool:
     """A value that can only mean a local folder: never tried as a hub id ("org/name")."""
     from huggingface_hub.errors import HFValidationError
