@@ -125,22 +125,44 @@ def tiny_clip_folder(tmp_path_factory) -> Path:
 def wandb_offline_records(run_dir: Path) -> list:
     """Every record of the W&B offline run(s) under `run_dir` (the .wandb file is a LevelDB-style
     log of protobuf records after a 7-byte header), as wandb_internal_pb2.Record objects."""
-    from wandb.proto import wandb_internal_pb2
-
     records = []
     for path in sorted(Path(run_dir).rglob("run-*.wandb")):
-        data, pos, block, buf = path.read_bytes(), 7, 32768, b""
-        while pos + 7 <= len(data):
-            if block - pos % block < 7:  # a block's tail too short for a header is padding
-                pos += block - pos % block
-                continue
-            length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-            if kind == 0:
-                continue
-            buf = chunk if kind in (1, 2) else buf + chunk
-            if kind in (1, 4):  # full or last fragment
+        records += _wandb_file_records(path)
+    return records
+
+
+def _wandb_file_records(path: Path, wait_s: float = 60.0) -> list:
+    """The records of one .wandb file, once its writer has closed it: the W&B service writes the
+    file in its own process, so under load the last records can land after ``finish()`` returns."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = _parse_wandb_file(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
+def _parse_wandb_file(path: Path) -> list:
+    from google.protobuf.message import DecodeError
+    from wandb.proto import wandb_internal_pb2
+
+    records, data, pos, block, buf = [], path.read_bytes(), 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            continue
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):  # full or last fragment
+            try:
                 records.append(wandb_internal_pb2.Record.FromString(buf))
+            except DecodeError:  # a record still being written
+                break
     return records
 
 

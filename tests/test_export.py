@@ -72,6 +72,40 @@ def test_end_of_run_export_and_samples(tiny_sd_folder, tmp_path):
     grid = Image.open(result["samples"])
     n_prompts = len(cfg.eval.prompts)
     assert grid.size[0] > n_prompts * 64 and grid.size[1] >= 2 * 64  # two rows: teacher, student
+    assert result["seconds_after_training"]["final_samples_s"] > 0
+
+
+def test_sample_grids_batch_their_prompts_and_keep_each_prompts_noise(one_thread):
+    """Prompts go through the pipeline several at a time, each with its own generator: prompt i
+    starts from the noise of seed + i whatever the batch size, so the images are those drawn one
+    by one (to float tolerance: a batch may take other kernels)."""
+    import numpy as np
+
+    from distillery.models.teacher import teacher_from_components
+    from distillery.models.tiny import tiny_sd_components
+    from distillery.sampling import generate, make_pipeline
+
+    teacher = teacher_from_components("tiny", tiny_sd_components(seed=0))
+    pipe = make_pipeline(teacher, teacher.unet)
+    calls = []
+    original = type(pipe).__call__
+
+    def counting(self, prompt, **kwargs):
+        calls.append(len(prompt) if isinstance(prompt, list) else 1)
+        return original(self, prompt, **kwargs)
+
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    one = generate(pipe, prompts, seed=5, steps=2, guidance_scale=1.0, resolution=32, batch_size=1)
+    type(pipe).__call__ = counting
+    try:
+        batched = generate(pipe, prompts, seed=5, steps=2, guidance_scale=1.0, resolution=32, batch_size=2)
+    finally:
+        type(pipe).__call__ = original
+    assert calls == [2, 1]
+    for a, b in zip(one, batched):
+        diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+        assert diff.max() <= 2
+    assert np.abs(np.asarray(one[0], dtype=np.int16) - np.asarray(one[1], dtype=np.int16)).max() > 2
 
 
 def test_export_errors(trained, tmp_path):

@@ -33,11 +33,14 @@ def test_training_logs_samples_quick_metrics_throughput_and_grad_norm_to_wandb(t
     logged = wandb_logged(run)
     for key in ("train/loss", "train/task", "train/out_kd", "train/feat_kd", "train/grad_norm",
                 "perf/images_per_sec", "lr-AdamW", "samples/teacher_vs_student/filenames",
-                "quick/teacher/fid", "quick/student/fid", "quick/student/vs_teacher/psnr_db"):
+                "quick/teacher/fid", "quick/student/fid", "quick/student/vs_teacher/psnr_db",
+                "perf/sample_grid_s", "perf/quick_metrics_s", "perf/outside_training_s_total"):
         assert key in logged, f"{key} not logged; got {sorted(logged)}"
     assert all(v > 0 for v in logged["perf/images_per_sec"]) and all(v >= 0 for v in logged["train/grad_norm"])
     # The student starts as a copy of the teacher's kept blocks: not the teacher's images.
     assert logged["quick/student/vs_teacher/psnr_db"][0] < 100
+    assert logged["perf/sample_grid_s"][0] > 0 and logged["perf/quick_metrics_s"][0] > 0
+    assert logged["perf/outside_training_s_total"][-1] >= logged["perf/sample_grid_s"][0] + logged["perf/quick_metrics_s"][0]
     assert list(run.rglob("media/images/samples/teacher_vs_student_*.png"))
     config = {item.key for rec in wandb_offline_records(run) if rec.WhichOneof("record_type") == "config"
               for item in rec.config.update}

@@ -52,7 +52,10 @@ class StepProgressBar(TQDMProgressBar):
         bar = self.train_progress_bar
         if bar is not None and self._should_update(trainer.global_step, bar.total):
             _update_n(bar, trainer.global_step)
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            # The metrics only on the steps that log them: reading a loss on the host waits for
+            # the device, and the step count alone does not.
+            if trainer._logger_connector.should_update_logs or trainer.global_step >= trainer.max_steps:
+                bar.set_postfix(self.get_metrics(trainer, pl_module))
 
 
 class Throughput(Callback):
@@ -128,6 +131,7 @@ class TeacherStudentSamples(Callback):
         self._warned = False
         # The frozen teacher's row of the grid, drawn once: (what it depends on, images).
         self._teacher_row: tuple[tuple, list] | None = None
+        self.seconds_total = 0.0  # spent on grids and quick metrics so far
 
     def _parts(self, pl_module):
         teacher = getattr(pl_module, "teacher", None)
@@ -163,14 +167,24 @@ class TeacherStudentSamples(Callback):
         teacher, student = parts
         was_training = student.training
         student.eval()
+        seconds = {}
         try:
             with torch.no_grad(), self._autocast(pl_module, teacher):
                 if grid_due:
+                    t0 = time.perf_counter()
                     self.draw(trainer, teacher, student, step)
+                    seconds["perf/sample_grid_s"] = time.perf_counter() - t0
                 if metrics_due:
+                    t0 = time.perf_counter()
                     self.quick_metrics(trainer, pl_module, teacher, student)
+                    seconds["perf/quick_metrics_s"] = time.perf_counter() - t0
         finally:
             student.train(was_training)
+        # What the run spends outside training, beside the training figures.
+        self.seconds_total += sum(seconds.values())
+        seconds["perf/outside_training_s_total"] = self.seconds_total
+        for lg in trainer.loggers:
+            lg.log_metrics(seconds, step=step)
 
     def draw(self, trainer, teacher, student, step: int) -> Path:
         from distillery.sampling import build_sampler, generate, grid, make_pipeline
@@ -180,8 +194,11 @@ class TeacherStudentSamples(Callback):
         res = ev.get("resolution") or self.cfg.data.resolution
         prompts = list(ev.prompts)
 
+        batch = int(ev.get("batch_size") or 8)
+
         def draw_row(unet):
-            return generate(make_pipeline(teacher, unet, sampler), prompts, ev.seed, steps, ev.guidance_scale, res)
+            return generate(make_pipeline(teacher, unet, sampler), prompts, ev.seed, steps, ev.guidance_scale, res,
+                            batch_size=batch)
 
         # The teacher never trains: its row is drawn at the first grid and reused after.
         key = (id(teacher.unet), tuple(prompts), ev.seed, steps, ev.guidance_scale, res, type(sampler).__name__)
@@ -193,7 +210,7 @@ class TeacherStudentSamples(Callback):
 
             n = int(sampling["num_inference_steps"])
             row = generate(make_pipeline(teacher, student, step_scheduler(teacher, sampling)), prompts, ev.seed, n,
-                           float(sampling["guidance_scale"]), res)
+                           float(sampling["guidance_scale"]), res, batch_size=batch)
             image = grid({"teacher": self._teacher_row[1], f"student {n} st.": row})
         else:
             image = grid({"teacher": self._teacher_row[1], "student": draw_row(student)})

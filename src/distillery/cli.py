@@ -17,9 +17,10 @@ from distillery.losses import NonFiniteLossError
 from distillery.models.features import FeaturePairError
 from distillery.models.students import StudentRuleError
 from distillery.models.teacher import TeacherLoadError
+from distillery.perf import DeviceMemoryError
 
 USER_ERRORS = (ConfigError, StudentRuleError, TeacherLoadError, FeaturePairError, ExportError, DataSourceError,
-               CacheMismatchError, EvalError, MetricSetupError, NonFiniteLossError, CheckpointError)
+               CacheMismatchError, EvalError, MetricSetupError, NonFiniteLossError, CheckpointError, DeviceMemoryError)
 
 
 def tidy_logging() -> None:
@@ -84,6 +85,9 @@ def report(result: dict[str, Any]) -> None:
             if isinstance(value, Path) and value.resolve().is_relative_to(Path.cwd()):
                 value = value.resolve().relative_to(Path.cwd())
             table.add_row(key, str(value))
+    if result.get("seconds_after_training"):
+        table.add_row("seconds after training", ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}"
+                                                          for k, v in result["seconds_after_training"].items()))
     skipped = {k: v for k, v in result.get("skipped", {}).items() if v}
     if skipped:
         table.add_row("data samples skipped", ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())))

@@ -303,6 +303,31 @@ def _check_removal(cfg: DictConfig, problems: list[str]) -> None:
         problems.append(f"trainer.max_steps={max_steps} is fewer than the {n} rounds")
 
 
+def _check_perf(cfg: DictConfig, problems: list[str]) -> None:
+    """The speed levers (``perf``, ``optim.fused``)."""
+    from distillery.perf import ATTENTION_BACKENDS
+
+    fused = OmegaConf.select(cfg, "optim.fused", default="auto")
+    if fused not in ("auto", True, False):
+        problems.append(f"optim.fused={fused!r} is not one of auto, true, false")
+    perf = cfg.get("perf")
+    if perf is None:
+        return
+    compile_ = perf.get("compile", False)
+    parts = list(compile_) if OmegaConf.is_list(compile_) else [compile_]
+    if not (compile_ in (True, False) or all(p in ("student", "teacher") for p in parts)):
+        problems.append(f"perf.compile={compile_!r} is not one of false, true, student, teacher, [student, teacher]")
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if perf.get("compile_mode", "default") not in modes:
+        problems.append(f"perf.compile_mode={perf.get('compile_mode')!r} is not one of {', '.join(modes)}")
+    if perf.get("channels_last", "auto") not in ("auto", True, False):
+        problems.append(f"perf.channels_last={perf.get('channels_last')!r} is not one of auto, true, false")
+    if perf.get("attention", "auto") not in ATTENTION_BACKENDS:
+        problems.append(f"perf.attention={perf.get('attention')!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    if not isinstance(perf.get("check_finite", True), bool):
+        problems.append(f"perf.check_finite={perf.get('check_finite')!r} must be true or false")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing every problem of a composed training config."""
     problems: list[str] = []
@@ -364,6 +389,7 @@ def validate(cfg: DictConfig) -> None:
     warmup = OmegaConf.select(cfg, "method.ema_warmup", default=True)
     if not isinstance(warmup, bool):
         problems.append(f"method.ema_warmup={warmup!r} must be true (diffusers' EMAModel warm-up) or false (constant decay)")
+    _check_perf(cfg, problems)
     precision = OmegaConf.select(cfg, "trainer.precision")
     valid_precision = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
     if str(precision) not in valid_precision:

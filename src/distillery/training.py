@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -185,11 +186,18 @@ def step_method_problems(cfg: DictConfig, teacher_config: dict | None) -> list[E
 
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Everything fit needs, built from a validated config."""
-    on_gpu = _on_gpu(cfg.trainer)
-    cache = cfg.data.get("cache")
     checked = preflight(cfg)
     # From a latent cache the VAE and text encoders are not even loaded.
-    teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed, encoders=not cache)
+    teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed, encoders=not cfg.data.get("cache"))
+    return assemble(cfg, teacher, checked)
+
+
+def assemble(cfg: DictConfig, teacher, checked: dict[str, Any]) -> dict[str, Any]:
+    """The student, feature pairs and LightningModule of a loaded teacher; ``checked`` is what
+    ``preflight`` found (the data module, the cache facts; a benchmark passes its own, with the
+    ``empty_prompt`` embeddings of data that is given as embeddings)."""
+    on_gpu = _on_gpu(cfg.trainer)
+    cache = cfg.data.get("cache")
     # A method module with a setup() (step distillation, progressive block removal) builds or
     # adapts the student and adds arguments; its "feature_pairs" replace the arch's.
     method_module, method_cfg = method_setup(cfg)
@@ -207,7 +215,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         bool(cfg.arch.features.get("include_mid", False)), rule=rule,
     )
     cache_info = checked["cache_info"]
-    size = cache_info["latent_size"] if cache else latent_size(cfg.data.resolution, teacher.vae, cfg.arch.teacher)
+    size = cache_info["latent_size"] if cache_info.get("latent_size") else \
+        latent_size(cfg.data.resolution, teacher.vae, cfg.arch.teacher)
     if pairs:
         check_pair_shapes(teacher.unet, student, pairs, size)
     frozen_dtype = resolve_dtype(cfg.arch.teacher_dtype, on_gpu)
@@ -245,7 +254,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         export_info=export_info,
         latent_scaling_factor=cache_info.get("scaling_factor"),
         vae_scale_factor=cfg.data.resolution // size,
-        empty_prompt=_cached_empty_prompt(cache) if cache else None,
+        empty_prompt=checked.get("empty_prompt") or (_cached_empty_prompt(cache) if cache else None),
+        fused_optimizer=OmegaConf.select(cfg, "optim.fused", default="auto"),
+        perf=OmegaConf.to_container(cfg.perf, resolve=True) if cfg.get("perf") else None,
     )
     if hasattr(model, "sampling"):  # how the exported student samples (steps, scheduler, guidance)
         model.export_info["sampling"] = model.sampling()
@@ -363,6 +374,24 @@ def _check_resume(ckpt_path: str | None, model) -> int | None:
     return int(ckpt.get("global_step", 0))
 
 
+def describe_step(cfg: DictConfig) -> str:
+    """The training step of a config, in its own overrides' words (for messages)."""
+    return (f"the training step of arch={cfg.arch.name} (teacher {cfg.arch.teacher}) at data.resolution="
+            f"{cfg.data.resolution}, data.batch_size={cfg.data.batch_size}, trainer.precision="
+            f"{resolve_precision(cfg.trainer)}")
+
+
+def step_callbacks(cfg: DictConfig) -> list:
+    """The callbacks that run inside every training step (the benchmark times them too):
+    throughput logging and, with ``perf.check_finite``, the stop at a non-finite loss."""
+    from distillery.callbacks import StopOnNonFiniteLoss, Throughput
+
+    out = [Throughput(cfg.trainer.get("log_every_n_steps", 50))]
+    if OmegaConf.select(cfg, "perf.check_finite", default=True):
+        out.append(StopOnNonFiniteLoss())
+    return out
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     ckpt_path = _resolve_ckpt_path(cfg)
@@ -373,15 +402,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model, datamodule = parts["model"], parts["datamodule"]
     resume_step = _check_resume(ckpt_path, model)
 
-    from distillery.callbacks import (StopOnNonFiniteLoss, StopOnSignal, TeacherStudentSamples, Throughput,
-                                      TrackerRunId, wandb_run_id)
+    from distillery.callbacks import StopOnSignal, TeacherStudentSamples, TrackerRunId, wandb_run_id
 
     loggers = make_loggers(cfg.get("logger"), resume_run_id=wandb_run_id(ckpt_path), resume_step=resume_step)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     if not loggers:  # logger=none: there is nowhere to send the learning rate
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    callbacks += [TrackerRunId(), Throughput(cfg.trainer.get("log_every_n_steps", 50)),
-                  StopOnSignal(_checkpoint_dir(cfg)), StopOnNonFiniteLoss()]
+    callbacks += [TrackerRunId(), StopOnSignal(_checkpoint_dir(cfg)), *step_callbacks(cfg)]
     if cfg.eval.get("every_n_steps") or cfg.eval.get("metrics_every_n_steps"):
         callbacks.append(TeacherStudentSamples(cfg, run_dir))
     from distillery.checkpoints import SafeCheckpointIO
@@ -394,7 +421,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     status = "failed"
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except torch.OutOfMemoryError as err:
+            from distillery.perf import memory_error
+
+            raise memory_error(err, model.device, describe_step(cfg)) from None
 
         # Checkpoints are written every N steps; make sure the final step is on disk too.
         ckpt_dir = _checkpoint_dir(cfg)
@@ -454,16 +486,20 @@ def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: lis
     device, dtype = teacher.unet.device, teacher.unet.dtype
     place(student, device, dtype)
     sampling = model.export_info.get("sampling")
-    g = cfg.eval.guidance_scale
-    rows = {"teacher": generate(make_pipeline(teacher, teacher.unet, sampler), prompts, cfg.eval.seed, steps, g, res)}
+    g, batch = cfg.eval.guidance_scale, int(cfg.eval.get("batch_size") or 8)
+    t0 = time.perf_counter()
+    rows = {"teacher": generate(make_pipeline(teacher, teacher.unet, sampler), prompts, cfg.eval.seed, steps, g, res,
+                                batch_size=batch)}
     if sampling:
         n = int(sampling["num_inference_steps"])
         rows[f"teacher {n} st."] = generate(make_pipeline(teacher, teacher.unet, step_scheduler(teacher)), prompts,
-                                           cfg.eval.seed, n, g, res)
+                                           cfg.eval.seed, n, g, res, batch_size=batch)
         rows[f"student {n} st."] = generate(make_pipeline(teacher, student, step_scheduler(teacher, sampling)), prompts,
-                                           cfg.eval.seed, n, float(sampling["guidance_scale"]), res)
+                                           cfg.eval.seed, n, float(sampling["guidance_scale"]), res, batch_size=batch)
     else:
-        rows["student"] = generate(make_pipeline(teacher, student, sampler), prompts, cfg.eval.seed, steps, g, res)
+        rows["student"] = generate(make_pipeline(teacher, student, sampler), prompts, cfg.eval.seed, steps, g, res,
+                                   batch_size=batch)
+    seconds = {"perf/final_samples_s": time.perf_counter() - t0}
     image = grid(rows)
     grid_path = run_dir / "samples.png"
     image.save(grid_path)
@@ -472,7 +508,12 @@ def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: lis
             lg.log_image("samples/teacher_vs_student", [image], caption=[" | ".join(prompts)])
     out["samples"] = grid_path
     if cfg.eval.get("at_end"):
+        t0 = time.perf_counter()
         out.update(evaluate_at_end(cfg, teacher, student, export_dir, run_dir / "eval", loggers))
+        seconds["perf/eval_at_end_s"] = time.perf_counter() - t0
+    for lg in loggers:  # what the run spent after training, beside the training figures
+        lg.log_metrics(seconds)
+    out["seconds_after_training"] = {k.removeprefix("perf/"): round(v, 2) for k, v in seconds.items()}
     return out
 
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from distillery.ema import make_ema
 from distillery.models.teacher import Teacher, place
+from distillery.perf import PERF_DEFAULTS, apply_perf, attention_backend, fused_kwargs
 from distillery.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class Distiller(L.LightningModule):
         latent_scaling_factor: float | None = None,  # from the cache when the VAE is not loaded
         vae_scale_factor: int = 8,
         empty_prompt: dict | None = None,  # the cache's embeddings of "" (training from a cache)
+        fused_optimizer: bool | str = "auto",  # auto: the fused (one-kernel) optimizer step on a GPU
+        perf: dict | None = None,  # the speed levers of the step: see conf/train.yaml's perf section
     ) -> None:
         super().__init__()
         self.student = student
@@ -94,6 +97,8 @@ class Distiller(L.LightningModule):
         self.empty_prompt = empty_prompt
         self._unconditional: tuple[Tensor, Tensor | None] | None = None
         self.schedule = NoiseSchedule(teacher.noise_scheduler)
+        self.fused_optimizer = fused_optimizer
+        self.perf = {**PERF_DEFAULTS, **(perf or {})}
         self.stream_positions: dict[int, int] = {}  # global dataloader worker -> raw records consumed
         self.skipped: dict[str, int] = {}  # samples the data stream skipped, by reason
 
@@ -103,6 +108,7 @@ class Distiller(L.LightningModule):
         # are placed here, in their low-precision dtype.
         for module in self.teacher.frozen_modules.values():
             place(module, self.device)  # the dtypes were set by Teacher.freeze
+        apply_perf(self.perf, self.student, self.teacher.unet, self.device)
 
     # ---- inputs ---------------------------------------------------------------------------
     def generator(self, batch_idx: int) -> torch.Generator:
@@ -230,7 +236,8 @@ class Distiller(L.LightningModule):
         raise NotImplementedError
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        terms = self.terms(batch, self.generator(batch_idx))
+        with attention_backend(self.perf.get("attention", "auto")):
+            terms = self.terms(batch, self.generator(batch_idx))
         self.log_terms(terms, self.batch_size(batch))
         self._track_stream(batch)
         return terms["loss"]
@@ -258,6 +265,10 @@ class Distiller(L.LightningModule):
     # ---- optimisation ---------------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:
         # After unscaling, before clipping: the norm of the gradient the loss actually produced.
+        # Only on the steps Lightning sends to the loggers: the norm is one more pass over the
+        # gradients, which no other step would read.
+        if self._trainer is not None and not self.trainer._logger_connector.should_update_logs:
+            return
         grads = [p.grad for p in self.student.parameters() if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
@@ -276,8 +287,7 @@ class Distiller(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
-        extra = {"fused": True} if self.device.type == "cuda" else {}
-        optimizer = self.optimizer_factory(params, **extra)
+        optimizer = self.optimizer_factory(params, **fused_kwargs(self.fused_optimizer, self.device))
         # Built mid-run (a new student, see distillery.methods.removal): the schedule goes on from
         # this step. At the start of a fit, resumed or not, the step is 0 here.
         step = self.trainer.global_step if self._trainer is not None else 0
