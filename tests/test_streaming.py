@@ -251,3 +251,46 @@ def test_resume_with_workers_and_skips(messy, monkeypatch):
         ds = make()
         ds.set_resume([0, 0, 0])
         next(iter(ds))
+
+
+def test_another_number_of_workers_finishes_the_epochs_under_way(monkeypatch):
+    """Two stream workers stop mid-epoch (one already in epoch 1); three go on: every record of
+    epochs 0 and 1 is read exactly twice in all (once per epoch), each as the uninterrupted
+    stream draws it, and a resume of the three continues exactly, as does a change back to two."""
+    from collections import Counter
+
+    def make():
+        return StreamingDataset(ShapesSource(size=40, resolution=16, shard_size=6), ImageTransform(16, "random", 0.5),
+                                seed=3, caption_dropout=0.3)
+
+    def stream(ds, n, g, big_g, plan=None, resume=None):
+        ds.set_rank(g, big_g)
+        ds.set_resume(resume, plan)
+        return list(itertools.islice(iter(ds), n))
+
+    full = {g: stream(make(), 60, g, 2) for g in range(2)}
+    consumed = {0: 9, 1: 23}  # worker 1 has finished its share of epoch 0 (7 shards, 40 records)
+    positions = {g: int(full[g][n - 1]["stream_pos"]) for g, n in consumed.items()}
+    plan = make().continue_plan(positions, 2, None, 3)
+    assert plan["workers"] == 3 and plan["from_epoch"] == 2
+    old = [s["key"] for g, n in consumed.items() for s in full[g][:n]]
+    ds = make()
+    lengths = [sum(ds.source.size(ds.source.shards()[i]) - start for _, i, start in plan["leftover"][w])
+               for w in range(3)]
+    assert max(lengths) - min(lengths) <= 6  # shared by records, within a shard
+    new = {w: stream(make(), lengths[w] + 5, w, 3, plan) for w in range(3)}
+    rest = [s for w in range(3) for s in new[w][:lengths[w]]]
+    assert set(Counter(old + [s["key"] for s in rest]).values()) == {2}
+    drawn = {}
+    for g in range(2):
+        for s in full[g]:
+            drawn.setdefault(s["key"], []).append(s["pixel_values"])
+    assert all(any(torch.equal(s["pixel_values"], p) for p in drawn[s["key"]]) for s in rest)
+    # The three resume exactly along the plan, and hand what is left on to two again.
+    at = {w: int(new[w][4]["stream_pos"]) for w in range(3)}
+    again = stream(make(), 10, 1, 3, plan, [at[0], at[1], at[2]])
+    same(again, new[1][5:15])
+    back = make().continue_plan(at, 3, plan, 2)
+    assert back["workers"] == 2 and back["from_epoch"] == 2
+    with pytest.raises(ValueError, match="plan is for 3 workers but this run has 2"):
+        stream(make(), 1, 0, 2, plan)

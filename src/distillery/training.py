@@ -393,7 +393,10 @@ def step_callbacks(cfg: DictConfig) -> list:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
+    from distillery.distributed import ranks_join_this_job, record_global_batch, resolve_devices
+
     validate(cfg)
+    resolve_devices(cfg)
     ckpt_path = _resolve_ckpt_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
@@ -417,12 +420,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer),
         plugins=[SafeCheckpointIO()],
     )
+    record_global_batch(cfg, trainer.num_devices, trainer.is_global_zero)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     status = "failed"
     try:
         try:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            with ranks_join_this_job():
+                trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         except torch.OutOfMemoryError as err:
             from distillery.perf import memory_error
 

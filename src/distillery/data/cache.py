@@ -291,13 +291,16 @@ def _claim_folder(out: Path, stored_stamp: dict) -> None:
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None,
-                   scaling_factor: float) -> torch.Tensor:
+                   scaling_factor: float, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Latents from cached posterior statistics: the same draw as
     ``vae.encode(pixels).latent_dist.sample(generator) * scaling_factor`` for a float32 VAE on the
-    generator's device (the noise has the batch's full shape, drawn in one call)."""
+    generator's device (the noise has the batch's full shape, drawn in one call); ``noise``: the
+    standard normal draw itself (a rank's slice of the global batch's, see Distiller.randn)."""
     mean, std = mean.float(), std.float()
-    device = generator.device if generator is not None else mean.device
-    noise = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32).to(mean.device)
+    if noise is None:
+        device = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
+    noise = noise.float().to(mean.device)
     return (mean + std * noise) * scaling_factor
 
 

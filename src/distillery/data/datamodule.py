@@ -64,25 +64,61 @@ class DistillDataModule(L.LightningDataModule):
         # column) fails here, naming what is wrong, not as an empty loader mid-fit.
         self.dataset.check()
 
-    def _resume_positions(self, world: int) -> list[int] | None:
-        """Per global worker, the raw records a resumed run's workers must skip (recorded by the
-        training module from the batches it trained on and restored from the checkpoint)."""
+    def stream_workers(self, world: int) -> int:
+        """Stream workers in all: ranks x dataloader workers (a loader without workers is one)."""
+        return world * max(1, self.num_workers)
+
+    def _resume(self, world: int) -> tuple[list[int] | None, dict | None]:
+        """How a resumed run's stream goes on, from what the training module restored from the
+        checkpoint: per global worker the raw records to skip (same number of stream workers),
+        or, after a change of world size or dataloader workers, a plan that finishes the epoch
+        under way with the new workers (every record still read once per epoch)."""
         module = self.trainer.lightning_module if self.trainer is not None else None
-        recorded = getattr(module, "stream_positions", None)
-        if not recorded:
-            return None
-        workers = world * max(1, self.num_workers)
-        if max(recorded) >= workers:
-            log.warning("the checkpoint's data stream had %d workers, this run has %d: the stream "
-                        "restarts from the beginning", max(recorded) + 1, workers)
-            return None
-        return [recorded.get(g, 0) for g in range(workers)]
+        recorded = getattr(module, "stream_positions", None) or {}
+        plan = getattr(module, "stream_plan", None)
+        workers = self.stream_workers(world)
+        if module is not None:
+            module.stream_workers = workers
+        if not recorded and plan is None:
+            return None, None
+        before = getattr(module, "stream_workers_restored", None) or (max(recorded) + 1 if recorded else None)
+        if plan is not None:
+            before = int(plan["workers"])
+        if before == workers:
+            return [recorded.get(g, 0) for g in range(workers)], plan
+        new_plan = self.dataset.continue_plan(recorded, before, plan, workers)
+        left = sum(len(items) for items in new_plan["leftover"])
+        if self.trainer is None or self.trainer.is_global_zero:
+            log.warning("the checkpoint's data stream had %d stream workers, this run has %d (%d ranks x %d "
+                        "dataloader workers): the %d shards or partial shards left of the epochs under way "
+                        "are shared among them, then epoch %d starts", before, workers, world,
+                        max(1, self.num_workers), left, new_plan["from_epoch"])
+        module.stream_plan, module.stream_positions = new_plan, {}
+        return None, new_plan
+
+    def check_world(self, world: int, warn: bool = True) -> None:
+        """Every rank must get at least one shard (a rank without data would leave the others
+        waiting in the first gradient all-reduce); a number of stream workers that does not
+        divide the shards is only uneven, and said so."""
+        n, workers = len(self.dataset.source.shards()), self.stream_workers(world)
+        per_rank = max(1, self.num_workers)
+        if world > 1 and (world - 1) * per_rank >= n:
+            raise DataSourceError(
+                f"{self.dataset.source.describe()} has {n} shards but this run has {workers} stream workers "
+                f"({world} ranks x {per_rank} dataloader workers): rank {world - 1} would get no shard and "
+                "every other rank would wait for it. Use fewer dataloader workers (data.num_workers) or "
+                "devices, or a source with more shards (e.g. a smaller data.source.shard_size)")
+        if warn and n % workers:
+            log.warning("%d data shards over %d stream workers (%d ranks x %d dataloader workers) do not divide "
+                        "evenly: each epoch %d workers read %d shards and the others %d",
+                        n, workers, world, per_rank, n % workers, n // workers + 1, n // workers)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         self.dataset.set_rank(rank, world)
-        self.dataset.set_resume(self._resume_positions(world))
+        self.check_world(world, warn=rank == 0)
+        self.dataset.set_resume(*self._resume(world))
         on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return DataLoader(
             self.dataset,

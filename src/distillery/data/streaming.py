@@ -126,6 +126,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         self.allow_missing = set(check_allow_missing(allow_missing_columns, self.filters))
         self.rank, self.world_size = 0, 1
         self.resume: list[int] | None = None
+        self.plan: dict | None = None  # set by continue_plan's result after a change of world size
         self._empty_prompt: dict | None = None
 
     def set_rank(self, rank: int, world_size: int) -> None:
@@ -133,8 +134,11 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.rank, self.world_size = int(rank), int(world_size)
 
-    def set_resume(self, positions: list[int] | None) -> None:
+    def set_resume(self, positions: list[int] | None, plan: dict | None = None) -> None:
+        """Skip ``positions[g]`` raw records of each global worker g's stream (a resumed run);
+        ``plan``: the stream a run resumed with another world size follows (``continue_plan``)."""
         self.resume = None if positions is None else [int(p) for p in positions]
+        self.plan = plan
 
     # ------------------------------------------------------------------ one record
     def _prepare(self, record: dict, gen: torch.Generator):
@@ -202,18 +206,34 @@ class StreamingDataset(torch.utils.data.IterableDataset):
     def _shard_order(self, n: int, epoch: int) -> list[int]:
         return torch.randperm(n, generator=_generator(0, self.seed, epoch)).tolist()
 
-    def _records(self, shard, skip: int) -> tuple[int, Iterator[dict] | None]:
-        """Step over up to `skip` records of a shard without decoding them.
-        -> (records stepped over, iterator from there) or (shard length, None) if the shard is shorter."""
+    def _records(self, shard, skip: int, start: int = 0) -> tuple[int, Iterator[dict] | None]:
+        """Step over up to `skip` records of a shard from record `start` on, without decoding them.
+        -> (records stepped over, iterator from there) or (records left in the shard, None) if fewer
+        than `skip` are left."""
         size = self.source.size(shard) if hasattr(self.source, "size") else None
         if size is not None:
-            return (size, None) if skip >= size else (skip, self.source.read(shard, start=skip))
-        records = self.source.read(shard, start=skip)
+            left = max(0, size - start)
+            return (left, None) if skip >= left else (skip, self.source.read(shard, start=start + skip))
+        records = self.source.read(shard, start=start + skip)
         first = next(records, None)
         if first is not None:
             return skip, itertools.chain([first], records)
         # Shorter than the skip and no cheap length: count its records (still nothing decoded).
-        return sum(1 for _ in self.source.read(shard, start=0)), None
+        return sum(1 for _ in self.source.read(shard, start=start)), None
+
+    def _worker_items(self, n: int, g: int, big_g: int, plan: dict | None) -> Iterator[tuple[int, int, int]]:
+        """Global worker g's stream as (epoch, shard index, first record): the part of earlier
+        epochs a plan hands it (see ``continue_plan``), then shards[g::G] of each epoch's order."""
+        first_epoch = 0
+        if plan is not None:
+            for epoch, index, start in plan["leftover"][g]:
+                yield int(epoch), int(index), int(start)
+            first_epoch = int(plan["from_epoch"])
+        if g >= n:
+            return
+        for epoch in itertools.count(first_epoch):
+            for index in self._shard_order(n, epoch)[g::big_g]:
+                yield epoch, index, 0
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -222,47 +242,107 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         shards = self.source.shards()
         if not shards:
             raise DataSourceError(f"{self.source.describe()} has no shards")
+        plan = self.plan
+        if plan is not None and int(plan["workers"]) != big_g:
+            raise ValueError(f"the stream plan is for {plan['workers']} workers but this run has {big_g} "
+                             f"({self.world_size} ranks x {workers} workers)")
         skip = 0
         if self.resume is not None:
             if len(self.resume) != big_g:
                 raise ValueError(f"resume positions are for {len(self.resume)} workers but this run has {big_g} "
                                  f"({self.world_size} ranks x {workers} workers); keep num_workers and devices")
             skip = max(0, self.resume[g])
-        if g >= len(shards):
+        leftover = plan["leftover"][g] if plan is not None else []
+        if g >= len(shards) and not leftover:
             log.warning("stream worker %d of %d gets no shard (%s); use fewer workers or smaller shards",
                         g, big_g, self.source.describe())
             return
 
         counts = [0] * len(SKIP_REASONS)
-        pos, fruitless = 0, 0
-        for epoch in itertools.count():
-            yielded, epoch_counts = 0, [0] * len(SKIP_REASONS)
-            for index in self._shard_order(len(shards), epoch)[g::big_g]:
-                shard, start, records = shards[index], 0, None
-                if skip:
-                    start, records = self._records(shard, skip)
-                    skip, pos = skip - start, pos + start
-                    if records is None:
-                        continue
-                records = records if records is not None else self.source.read(shard, start=0)
-                for i, record in enumerate(records, start):
-                    pos += 1
-                    out = self._prepare(record, _generator(1, self.seed, epoch, index, i))
-                    if isinstance(out, str):
-                        counts[SKIP_REASONS.index(out)] += 1
-                        epoch_counts[SKIP_REASONS.index(out)] += 1
-                        continue
-                    out["skipped"] = torch.tensor(counts, dtype=torch.long)
-                    out["stream_worker"] = torch.tensor(g, dtype=torch.long)
-                    out["stream_pos"] = torch.tensor(pos, dtype=torch.long)
-                    counts = [0] * len(SKIP_REASONS)
-                    yielded += 1
-                    yield out
-            fruitless = 0 if (yielded or skip) else fruitless + 1
-            if fruitless >= _MAX_FRUITLESS_EPOCHS:
-                raise DataSourceError(
-                    f"stream worker {g} of {big_g} got no valid sample from its shards of {self.source.describe()} "
-                    f"in {fruitless} epochs; last epoch {skipped_summary(epoch_counts)}")
+        pos, fruitless, epoch, yielded = 0, 0, None, 0
+        epoch_counts = [0] * len(SKIP_REASONS)
+        in_plan = len(leftover)
+        for n_item, (item_epoch, index, start) in enumerate(self._worker_items(len(shards), g, big_g, plan)):
+            if n_item >= in_plan and item_epoch != epoch:  # a new epoch of the worker's own shards
+                if epoch is not None and n_item > in_plan:
+                    fruitless = 0 if (yielded or skip) else fruitless + 1
+                    if fruitless >= _MAX_FRUITLESS_EPOCHS:
+                        raise DataSourceError(
+                            f"stream worker {g} of {big_g} got no valid sample from its shards of "
+                            f"{self.source.describe()} in {fruitless} epochs; last epoch {skipped_summary(epoch_counts)}")
+                epoch, yielded, epoch_counts = item_epoch, 0, [0] * len(SKIP_REASONS)
+            shard, records = shards[index], None
+            if skip:
+                stepped, records = self._records(shard, skip, start)
+                skip, pos = skip - stepped, pos + stepped
+                if records is None:
+                    continue
+                start += stepped
+            records = records if records is not None else self.source.read(shard, start=start)
+            for i, record in enumerate(records, start):
+                pos += 1
+                out = self._prepare(record, _generator(1, self.seed, item_epoch, index, i))
+                if isinstance(out, str):
+                    counts[SKIP_REASONS.index(out)] += 1
+                    epoch_counts[SKIP_REASONS.index(out)] += 1
+                    continue
+                out["skipped"] = torch.tensor(counts, dtype=torch.long)
+                out["stream_worker"] = torch.tensor(g, dtype=torch.long)
+                out["stream_pos"] = torch.tensor(pos, dtype=torch.long)
+                counts = [0] * len(SKIP_REASONS)
+                yielded += 1
+                yield out
+
+    # ------------------------------------------------------------------ another world size
+    def _shard_length(self, shard, cache: dict) -> int:
+        key = repr(shard)
+        if key not in cache:
+            size = self.source.size(shard) if hasattr(self.source, "size") else None
+            cache[key] = int(size) if size is not None else sum(1 for _ in self.source.read(shard, start=0))
+        return cache[key]
+
+    def continue_plan(self, positions: dict[int, int], workers: int, plan: dict | None,
+                      new_workers: int) -> dict:
+        """The stream of a run resumed with another number of stream workers (ranks x dataloader
+        workers): from the raw records each of the ``workers`` old workers had consumed
+        (``positions``, along the old ``plan``), what is left of every epoch some worker had
+        begun is shared among the ``new_workers`` (whole and partly read shards, balanced by
+        records), and the next epoch starts with the usual assignment. Every record is still
+        read once per epoch, and each keeps its own randomness (a function of epoch, shard and
+        index). -> the new plan: {"workers", "from_epoch", "leftover": per worker [epoch, shard,
+        first record]}."""
+        shards = self.source.shards()
+        n, lengths = len(shards), {}
+        if n == 0 or not any(self._shard_length(s, lengths) for s in shards):
+            raise DataSourceError(f"{self.source.describe()} holds no records to continue")
+        streams, stops = {}, {}
+        for g in range(int(workers)):
+            items = self._worker_items(n, g, int(workers), plan)
+            left = int(positions.get(g, 0))
+            for epoch, index, start in items:
+                length = self._shard_length(shards[index], lengths) - start
+                if left >= length:
+                    left -= length
+                    continue
+                stops[g] = (epoch, index, start + left)
+                streams[g] = items
+                break
+        cut = max([e for e, _, _ in stops.values()] + [int(plan["from_epoch"]) - 1 if plan else 0])
+        rest = []
+        for g, stop in stops.items():
+            rest.append(stop)
+            rest.extend(itertools.takewhile(lambda item: item[0] <= cut, streams[g]))
+        order = {e: {s: k for k, s in enumerate(self._shard_order(n, e))} for e in {e for e, _, _ in rest}}
+        rest.sort(key=lambda item: (item[0], order[item[0]][item[1]], item[2]))
+        leftover, load = [[] for _ in range(int(new_workers))], [0] * int(new_workers)
+        for epoch, index, start in rest:
+            size = self._shard_length(shards[index], lengths) - start
+            if size <= 0:
+                continue
+            w = min(range(len(load)), key=lambda k: (load[k], k))
+            leftover[w].append([int(epoch), int(index), int(start)])
+            load[w] += size
+        return {"workers": int(new_workers), "from_epoch": cut + 1, "leftover": leftover}
 
     # ------------------------------------------------------------------ setup check
     def check(self, max_records: int = 1000) -> None:

@@ -68,9 +68,8 @@ class ArchKD(Distiller):
         latents = self.latents(batch, gen)
         text, added = self.encode_conditioning(batch)
         scheduler = self.teacher.noise_scheduler
-        noise = torch.randn(latents.shape, generator=gen, device=self.device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=gen, device=self.device)
+        noise = self.randn(latents.shape, gen)
+        timesteps = self.randint(0, scheduler.config.num_train_timesteps, latents.shape[0], gen)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = diffusion_target(scheduler, latents, noise, timesteps)
 

@@ -5,9 +5,11 @@ VAE and text encoders are held outside the module tree, so the optimizer, DDP an
 checkpoint see the student alone; ``on_fit_start`` moves them to the device in their frozen
 low-precision dtype. It provides:
 
-- ``generator(batch_idx)``: the per-step random generator. Noise, timesteps and guidance
-  weights are a function of (seed, step, micro-batch, rank), so a resumed run draws exactly what
-  the uninterrupted run would have drawn;
+- ``generator(batch_idx)``: the per-step random generator, and ``randn`` / ``randint`` /
+  ``rand``, the draws a method makes from it. Noise, timesteps and guidance weights are a
+  function of (seed, step, micro-batch): a resumed run draws exactly what the uninterrupted run
+  would have drawn, and every rank of N draws the values of the whole global batch and keeps
+  its own slice, so N processes of b samples draw what one process of N x b samples draws;
 - ``latents(batch, gen)``: latents from pixels (the frozen VAE) or from the latent cache (its
   stored posterior, sampled as the VAE would);
 - ``encode_conditioning(batch)`` and ``unconditional(n)``: text embeddings, SDXL's added
@@ -112,10 +114,32 @@ class Distiller(L.LightningModule):
 
     # ---- inputs ---------------------------------------------------------------------------
     def generator(self, batch_idx: int) -> torch.Generator:
-        """See the module docstring: a function of (seed, step, micro-batch, rank)."""
+        """See the module docstring: a function of (seed, step, micro-batch), the same on every
+        rank (each rank keeps its slice of the global batch's draws)."""
         accum = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        key = ((self.seed * 1_000_003 + self.global_step) * 1009 + batch_idx % accum) * 131 + self.global_rank
+        key = ((self.seed * 1_000_003 + self.global_step) * 1009 + batch_idx % accum) * 131
         return torch.Generator(device=self.device).manual_seed(key % (2**63))
+
+    def _rank_slice(self, n: int) -> tuple[int, slice]:
+        """(samples of the global batch, this rank's rows of it) for a local batch of ``n``."""
+        trainer = self._trainer
+        world, rank = (int(trainer.world_size), int(trainer.global_rank)) if trainer is not None else (1, 0)
+        return n * world, slice(rank * n, (rank + 1) * n)
+
+    def randn(self, shape, gen: torch.Generator, dtype: torch.dtype | None = None) -> Tensor:
+        """Standard normal noise of a batch-first ``shape``: this rank's rows of the global batch's draw."""
+        total, rows = self._rank_slice(int(shape[0]))
+        return torch.randn((total, *shape[1:]), generator=gen, device=self.device, dtype=dtype)[rows]
+
+    def randint(self, low: int, high: int, n: int, gen: torch.Generator) -> Tensor:
+        """``n`` integers in [low, high): this rank's share of the global batch's draw."""
+        total, rows = self._rank_slice(int(n))
+        return torch.randint(low, high, (total,), generator=gen, device=self.device)[rows]
+
+    def rand(self, n: int, gen: torch.Generator) -> Tensor:
+        """``n`` uniforms in [0, 1): this rank's share of the global batch's draw."""
+        total, rows = self._rank_slice(int(n))
+        return torch.rand(total, generator=gen, device=self.device)[rows]
 
     _generator = generator  # the name the from-scratch method and older code use
 
@@ -178,15 +202,18 @@ class Distiller(L.LightningModule):
     def encode_images(self, pixels: Tensor, generator: torch.Generator) -> Tensor:
         vae = self.teacher.vae
         dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-        return dist.sample(generator=generator).float() * vae.config.scaling_factor
+        # The posterior's sample, mean + std * noise, as diffusers draws it, from the global batch's noise.
+        sample = dist.mean + dist.std * self.randn(dist.mean.shape, generator, dtype=dist.mean.dtype)
+        return sample.float() * vae.config.scaling_factor
 
     def latents(self, batch: dict, gen: torch.Generator) -> Tensor:
         """The batch's latents, drawn from the VAE's posterior with ``gen``."""
         if "latent_mean" in batch:  # from a latent cache: sample the cached posterior, as encode would
             from distillery.data.cache import sample_latents
 
-            return sample_latents(batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device),
-                                  gen, self.latent_scaling_factor)
+            mean = batch["latent_mean"].to(self.device)
+            return sample_latents(mean, batch["latent_std"].to(self.device), gen, self.latent_scaling_factor,
+                                  noise=self.randn(mean.shape, gen))
         return self.encode_images(batch["pixel_values"], gen)
 
     # ---- model calls ----------------------------------------------------------------------
@@ -306,9 +333,15 @@ class Distiller(L.LightningModule):
             gathered = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(gathered, positions)
             positions = {k: v for table in gathered for k, v in table.items()}
-        checkpoint["data_stream"] = {"positions": positions, "skipped": dict(self.skipped)}
+        # The stream workers (ranks x dataloader workers) and the plan their streams follow let a
+        # run resumed with another world size finish the epoch (DistillDataModule._resume).
+        checkpoint["data_stream"] = {"positions": positions, "skipped": dict(self.skipped),
+                                     "workers": getattr(self, "stream_workers", None),
+                                     "plan": getattr(self, "stream_plan", None)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         stream = checkpoint.get("data_stream", {})
         self.stream_positions = {int(k): int(v) for k, v in stream.get("positions", {}).items()}
         self.skipped = dict(stream.get("skipped", {}))
+        self.stream_workers_restored = stream.get("workers")
+        self.stream_plan = stream.get("plan")

@@ -94,17 +94,24 @@ class TrainFromScratch(L.LightningModule):
         self.stream_positions: dict[int, int] = {}
         self.skipped: dict[str, int] = {}
 
-    # As in distillation runs: noise drawn from (seed, step, micro-batch, rank), and the data
-    # stream's positions and skipped-sample counts kept in checkpoints for an exact resume.
+    # As in distillation runs: noise drawn from (seed, step, micro-batch), each rank keeping its
+    # slice of the global batch's draw, and the data stream's positions and skipped-sample
+    # counts kept in checkpoints for an exact resume.
     _generator = Distiller.generator
+    _rank_slice, randn, randint = Distiller._rank_slice, Distiller.randn, Distiller.randint
     _track_stream = Distiller._track_stream
     on_save_checkpoint = Distiller.on_save_checkpoint
     on_load_checkpoint = Distiller.on_load_checkpoint
 
+    def posterior_sample(self, posterior, gen: torch.Generator) -> Tensor:
+        """The VAE posterior's sample (mean + std * noise, as diffusers draws it) from this
+        rank's slice of the global batch's noise."""
+        return posterior.mean + posterior.std * self.randn(posterior.mean.shape, gen, dtype=posterior.mean.dtype)
+
     # ---- phase 1: the VAE --------------------------------------------------------------------
     def vae_terms(self, pixels: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
         posterior = self.vae.encode(pixels).latent_dist
-        recon = self.vae.decode(posterior.sample(generator=gen)).sample
+        recon = self.vae.decode(self.posterior_sample(posterior, gen)).sample
         rec = F.l1_loss(recon.float(), pixels)
         kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
         return {"loss": rec + self.kl_weight * kl, "vae_rec": rec, "vae_kl": kl}
@@ -114,7 +121,7 @@ class TrainFromScratch(L.LightningModule):
         """Set the VAE's scaling_factor to 1 / std of the latents of `pixels` (averaged over
         ranks), unless a resumed run already has it, and freeze the VAE."""
         if float(self.latent_scale) == 0.0:
-            std = self.vae.encode(pixels).latent_dist.sample(generator=gen).float().std()
+            std = self.posterior_sample(self.vae.encode(pixels).latent_dist, gen).float().std()
             if self._trainer is not None:
                 std = self.trainer.strategy.reduce(std, reduce_op="mean")
             self.latent_scale.fill_(1.0 / float(std))
@@ -131,13 +138,13 @@ class TrainFromScratch(L.LightningModule):
 
     def diffusion_terms(self, pixels: Tensor, captions: list[str], gen: torch.Generator) -> dict[str, Tensor]:
         with torch.no_grad():
-            latents = self.vae.encode(pixels).latent_dist.sample(generator=gen) * self.vae.config.scaling_factor
+            latents = self.posterior_sample(self.vae.encode(pixels).latent_dist, gen) * self.vae.config.scaling_factor
         sched = self.noise_scheduler
-        noise = torch.randn(latents.shape, generator=gen, device=self.device)
+        noise = self.randn(latents.shape, gen)
         for k in self.noise_offset_grids if self.noise_offset else ():  # see the module docstring
-            coarse = torch.randn((*latents.shape[:2], k, k), generator=gen, device=self.device)
+            coarse = self.randn((*latents.shape[:2], k, k), gen)
             noise = noise + self.noise_offset * F.interpolate(coarse, size=latents.shape[-2:], mode="bilinear")
-        timesteps = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=gen, device=self.device)
+        timesteps = self.randint(0, sched.config.num_train_timesteps, len(latents), gen)
         pred = self.unet(sched.add_noise(latents, noise, timesteps), timesteps, self.encode_prompts(captions)).sample
         err = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
         if self.snr_gamma:  # see the module docstring

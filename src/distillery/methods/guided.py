@@ -86,15 +86,15 @@ class GuidedDistillation(ProgressiveDistillation):
             self.use_features = False
 
     def draw_w(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        w = self.w_min + (self.w_max - self.w_min) * torch.rand(n, generator=gen, device=self.device)
+        w = self.w_min + (self.w_max - self.w_min) * self.rand(n, gen)
         return w, guidance_embedding(w, self.w_dim).to(self.device)
 
     def draw_guidance_timesteps(self, n: int, gen: torch.Generator) -> Tensor:
         """Stage one's timesteps: from the whole schedule, or from the guidance round's DDIM grid."""
         if self.guidance_timesteps == "all":
-            return torch.randint(0, self.schedule.num_train_timesteps, (n,), generator=gen, device=self.device)
+            return self.randint(0, self.schedule.num_train_timesteps, n, gen)
         ts, _ = self.grid(self.round.steps)
-        return ts[torch.randint(0, len(ts), (n,), generator=gen, device=self.device)]
+        return ts[self.randint(0, len(ts), n, gen)]
 
     def terms(self, batch: dict, gen: torch.Generator) -> dict[str, Tensor]:
         latents = self.latents(batch, gen)
@@ -102,7 +102,7 @@ class GuidedDistillation(ProgressiveDistillation):
         n = latents.shape[0]
         if self.round.kind == "guidance":  # stage one
             t = self.draw_guidance_timesteps(n, gen)
-            noise = torch.randn(latents.shape, generator=gen, device=self.device)
+            noise = self.randn(latents.shape, gen)
             w, emb = self.draw_w(n, gen)
             z = self.schedule.add_noise(latents, noise, t)
             target = self.teacher_output(z, t, text, added, guidance_scale=w)
@@ -110,7 +110,7 @@ class GuidedDistillation(ProgressiveDistillation):
             loss = F.mse_loss(pred.float(), target)
             return {"loss": loss, "guidance": loss}
         t, mid, s = self.draw_grid_timesteps(n, gen)
-        noise = torch.randn(latents.shape, generator=gen, device=self.device)
+        noise = self.randn(latents.shape, gen)
         w, emb = self.draw_w(n, gen)
         z = self.step_schedule.add_noise(latents, noise, t)
         z_s = self.two_teacher_steps(z, t, mid, s, text, added, timestep_cond=emb)

@@ -98,7 +98,7 @@ class LatentConsistencyDistillation(Distiller):
 
     # ---- the step ---------------------------------------------------------------------------------
     def draw_w(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
-        w = self.w_min + (self.w_max - self.w_min) * torch.rand(n, generator=gen, device=self.device)
+        w = self.w_min + (self.w_max - self.w_min) * self.rand(n, gen)
         return w, guidance_embedding(w, self.w_dim).to(self.device) if self.w_dim else None
 
     def consistency(self, pred: Tensor, z: Tensor, t: Tensor) -> Tensor:
@@ -111,9 +111,9 @@ class LatentConsistencyDistillation(Distiller):
         latents = self.latents(batch, gen)
         text, added = self.encode_conditioning(batch)
         n = latents.shape[0]
-        i = torch.randint(0, self.num_ddim_timesteps, (n,), generator=gen, device=self.device)
+        i = self.randint(0, self.num_ddim_timesteps, n, gen)
         t, s = self.solver_t.to(self.device)[i], self.solver_s.to(self.device)[i]
-        noise = torch.randn(latents.shape, generator=gen, device=self.device)
+        noise = self.randn(latents.shape, gen)
         w, emb = self.draw_w(n, gen)
         z = self.schedule.add_noise(latents, noise, t)
 

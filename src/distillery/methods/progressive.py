@@ -91,7 +91,7 @@ class ProgressiveDistillation(RoundsDistiller):
     # ---- the step ---------------------------------------------------------------------------------
     def draw_grid_timesteps(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         ts, prev = self.grid(self.round.steps)
-        i = torch.randint(0, len(ts), (n,), generator=gen, device=self.device)
+        i = self.randint(0, len(ts), n, gen)
         t, s = ts[i], prev[i]
         return t, torch.div(t + s, 2, rounding_mode="floor"), s
 
@@ -131,7 +131,7 @@ class ProgressiveDistillation(RoundsDistiller):
         latents = self.latents(batch, gen)
         text, added = self.encode_conditioning(batch)
         t, mid, s = self.draw_grid_timesteps(latents.shape[0], gen)
-        noise = torch.randn(latents.shape, generator=gen, device=self.device)
+        noise = self.randn(latents.shape, gen)
         z = self.step_schedule.add_noise(latents, noise, t)
         z_s = self.two_teacher_steps(z, t, mid, s, text, added, **self.teacher_guidance())
         pred = self.student_output(z, t, text, added)

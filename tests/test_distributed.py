@@ -1,0 +1,183 @@
+"""DDP for real: `src/train.py trainer=ddp trainer.accelerator=cpu trainer.devices=2` (two
+processes, gloo) on the tiny teacher, against one process with twice the per-device batch, and
+resumed on the same and on another world size."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import ROOT, compose_train
+
+# 8 records in 8 one-record shards: with a batch of 1 per rank, 2 ranks x 4 steps is one epoch,
+# and a global batch holds the same two records, in the same order, as one process's batch of 2.
+DATA = ["data.source.size=8", "+data.source.shard_size=1", "data.resolution=64"]
+COMMON = ["arch=bk_small", *DATA, "trainer.log_every_n_steps=1", "eval.at_end=false", "optim.optimizer.lr=1e-3",
+          "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.max_steps=4"]
+TIMEOUT = 300  # no run may hang the suite, whatever a process group does
+
+
+class RankProbe(L.Callback):
+    """Writes, per rank, the keys of every record it trains on and its student's final weights."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / f"keys_rank{trainer.global_rank}.txt", "a") as f:
+            f.write("".join(f"{trainer.global_step} {k}\n" for k in batch["key"]))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save({k: v.detach().clone() for k, v in pl_module.student.state_dict().items()},
+                   self.out / f"student_rank{trainer.global_rank}.pt")
+
+
+def train_py(args: list[str], cwd: Path, probe: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src")]),
+           "WANDB_MODE": "offline"}
+    cmd = [sys.executable, str(ROOT / "src" / "train.py"), *args, "+callbacks.probe._target_=test_distributed.RankProbe",
+           f"+callbacks.probe.out={probe}"]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def keys(probe: Path, rank: int) -> list[tuple[int, str]]:
+    lines = (probe / f"keys_rank{rank}.txt").read_text().splitlines()
+    return [(int(step), key) for step, key in (line.split(" ", 1) for line in lines)]
+
+
+def weights(probe: Path, rank: int) -> dict:
+    return torch.load(probe / f"student_rank{rank}.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_sd_folder, tmp_path_factory):
+    base = tmp_path_factory.mktemp("ddp")
+    run, probe = base / "run", base / "probe"
+    proc = train_py([*COMMON, f"arch.teacher={tiny_sd_folder}", "trainer=ddp", "trainer.accelerator=cpu",
+                     "trainer.devices=2", "data.batch_size=1", "logger=wandb", f"hydra.run.dir={run}"], base, probe)
+    return {"base": base, "run": run, "probe": probe, "out": proc.stdout + proc.stderr}
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_student_on_disjoint_shards_into_one_run(two_process_run, tiny_sd_folder):
+    run, probe, base = two_process_run["run"], two_process_run["probe"], two_process_run["base"]
+    a, b = weights(probe, 0), weights(probe, 1)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical on both ranks
+    k0, k1 = keys(probe, 0), keys(probe, 1)
+    assert len(k0) == len(k1) == 4
+    seen0, seen1 = {k for _, k in k0}, {k for _, k in k1}
+    assert not seen0 & seen1  # disjoint shards
+    assert seen0 | seen1 == {f"shapes/{i}" for i in range(8)}  # together every record, once, in the epoch
+    # The global batch is said and stored.
+    assert "global batch 2 = data.batch_size 1 x 2 devices x 1 nodes x 1 accumulated" in two_process_run["out"]
+    assert "global_batch_size: 2" in (run / ".hydra" / "config.yaml").read_text()
+    # One run folder: no second .hydra, no dated folder of the spawned rank, one W&B run, one
+    # set of checkpoints, one export.
+    assert [p.relative_to(base) for p in base.rglob(".hydra")] == [Path("run/.hydra")]
+    assert not (base / "outputs").exists()
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step_0000002.ckpt",
+                                                                     "step_0000004.ckpt"]
+    assert (run / "student" / "unet" / "config.json").is_file() and (run / "samples.png").is_file()
+    assert not (run / "student_rank1").exists()
+
+
+@pytest.mark.slow
+def test_one_process_with_twice_the_batch_trains_the_same_student(two_process_run, tiny_sd_folder, tmp_path):
+    probe = tmp_path / "probe"
+    train_py([*COMMON, f"arch.teacher={tiny_sd_folder}", "trainer=cpu", "data.batch_size=2", "logger=csv",
+              "export_at_end=false", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, probe)
+    single = keys(probe, 0)
+    k0, k1 = keys(two_process_run["probe"], 0), keys(two_process_run["probe"], 1)
+    assert single == [x for pair in zip(k0, k1) for x in pair]  # the same records per step
+    one, two = weights(probe, 0), weights(two_process_run["probe"], 0)
+    # The same sums in another order (DDP averages the two ranks' gradients): AdamW turns a
+    # rounding difference of a gradient near zero into up to a step of lr, so the tolerance is
+    # half of one step (lr 1e-3) for every weight and 1e-6 for all but 0.1% of them.
+    diff = torch.cat([(two[k].float() - one[k].float()).abs().flatten() for k in one])
+    assert diff.max() < 5e-4, diff.max()
+    assert (diff > 1e-6).float().mean() < 1e-3, (diff > 1e-6).float().mean()
+
+
+def _resume_from_step_2(two_process_run, run: Path) -> None:
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(two_process_run["run"] / "checkpoints" / "step_0000002.ckpt", run / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_a_resumed_two_process_run_continues_each_ranks_stream(two_process_run, tiny_sd_folder, tmp_path):
+    run, probe = tmp_path / "run", tmp_path / "probe"
+    _resume_from_step_2(two_process_run, run)
+    train_py([*COMMON, f"arch.teacher={tiny_sd_folder}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+              "data.batch_size=1", "logger=csv", "export_at_end=false", "ckpt_path=last", f"hydra.run.dir={run}"],
+             tmp_path, probe)
+    for rank in range(2):
+        assert keys(probe, rank) == [(s, k) for s, k in keys(two_process_run["probe"], rank) if s >= 2]
+    a, b = weights(probe, 0), weights(two_process_run["probe"], 0)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_resumed_on_one_process_the_epoch_goes_on_where_it_stopped(two_process_run, tiny_sd_folder, tmp_path):
+    """A two-process run preempted at step 2 comes back on one process: the four records the
+    ranks had not read yet are read, none twice, and the next epoch follows."""
+    run, probe = tmp_path / "run", tmp_path / "probe"
+    _resume_from_step_2(two_process_run, run)
+    proc = train_py([*COMMON, f"arch.teacher={tiny_sd_folder}", "trainer=cpu", "data.batch_size=2", "logger=csv",
+                     "export_at_end=false", "ckpt_path=last", "trainer.max_steps=6", f"hydra.run.dir={run}"],
+                    tmp_path, probe)
+    assert "had 2 stream workers, this run has 1" in proc.stdout + proc.stderr
+    before = {k for rank in range(2) for s, k in keys(two_process_run["probe"], rank) if s < 2}
+    after = keys(probe, 0)
+    epoch_rest = [k for s, k in after if s < 4]
+    assert len(epoch_rest) == 4 and not set(epoch_rest) & before
+    assert set(epoch_rest) | before == {f"shapes/{i}" for i in range(8)}
+    assert len({k for s, k in after if s >= 4}) == 4  # steps 4 and 5: the next epoch, four new draws
+
+
+def test_devices_are_checked_against_the_machine(tmp_path, caplog, monkeypatch):
+    from distillery.config import ConfigError
+    from distillery.distributed import global_batch_size, resolve_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ConfigError, match="torch sees no CUDA GPU.*trainer.accelerator=cpu trainer.devices=2"):
+        resolve_devices(compose_train(["trainer=ddp"], tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = compose_train(["trainer=ddp"], tmp_path)
+    with caplog.at_level("WARNING"):
+        assert resolve_devices(cfg) == 1
+    assert "trainer=ddp on one device (1 GPU): training runs in a single process" in caplog.text
+    with pytest.raises(ConfigError, match="trainer.devices=4 asks for 4 GPUs but this machine has 1"):
+        resolve_devices(compose_train(["trainer=ddp", "trainer.devices=4"], tmp_path))
+    cfg = compose_train(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_nodes=3",
+                         "data.batch_size=4", "trainer.accumulate_grad_batches=2"], tmp_path)
+    assert resolve_devices(cfg) == 2 and global_batch_size(cfg, 2) == 4 * 2 * 3 * 2
+
+
+def test_ranks_without_a_shard_are_refused_and_uneven_shards_said(caplog):
+    from distillery.data.datamodule import DistillDataModule
+    from distillery.data.sources import DataSourceError, ShapesSource
+
+    dm = DistillDataModule(ShapesSource(size=8, resolution=16, shard_size=4), resolution=16, num_workers=2)
+    with pytest.raises(DataSourceError, match="has 2 shards but this run has 4 stream workers .2 ranks x 2 dataloader "
+                                              "workers.: rank 1 would get no shard"):
+        dm.check_world(2)
+    dm = DistillDataModule(ShapesSource(size=10, resolution=16, shard_size=4), resolution=16, num_workers=2)
+    with caplog.at_level("WARNING"):
+        dm.check_world(1)
+    assert "3 data shards over 2 stream workers (1 ranks x 2 dataloader workers) do not divide evenly: each epoch " \
+           "1 workers read 2 shards and the others 1" in caplog.text
