@@ -36,10 +36,8 @@ def strategy_name(trainer_cfg: DictConfig) -> str:
     return next((n for n in MULTI_PROCESS if name.startswith(n)), name)
 
 
-def _devices_visible(accelerator: str) -> int:
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.cuda.device_count()
-    return 1  # the CPU: trainer.devices=N starts N processes on it
+def _on_gpu(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def resolve_devices(cfg: DictConfig) -> int:
@@ -50,7 +48,8 @@ def resolve_devices(cfg: DictConfig) -> int:
     strategy = strategy_name(t)
     accelerator = str(t.get("accelerator", "auto"))
     devices = t.get("devices", 1)
-    visible = _devices_visible(accelerator)
+    on_gpu = _on_gpu(accelerator)
+    visible = torch.cuda.device_count() if on_gpu else 1  # the CPU: trainer.devices=N starts N processes on it
     if accelerator in ("gpu", "cuda") and visible == 0:
         raise ConfigError(
             f"trainer.accelerator={accelerator} but torch sees no CUDA GPU on this machine"
@@ -64,7 +63,6 @@ def resolve_devices(cfg: DictConfig) -> int:
         n = len(list(devices))
     if n < 1:
         raise ConfigError(f"trainer.devices={devices!r}: at least one device is needed")
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if on_gpu and n > visible:
         raise ConfigError(f"trainer.devices={devices!r} asks for {n} GPUs but this machine has {visible}")
     nodes = int(t.get("num_nodes", 1) or 1)

@@ -264,7 +264,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         in_plan = len(leftover)
         for n_item, (item_epoch, index, start) in enumerate(self._worker_items(len(shards), g, big_g, plan)):
             if n_item >= in_plan and item_epoch != epoch:  # a new epoch of the worker's own shards
-                if epoch is not None and n_item > in_plan:
+                if epoch is not None:
                     fruitless = 0 if (yielded or skip) else fruitless + 1
                     if fruitless >= _MAX_FRUITLESS_EPOCHS:
                         raise DataSourceError(
