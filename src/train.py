@@ -18,13 +18,14 @@ from omegaconf import DictConfig  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     from distillery.cli import report, run_or_explain, tidy_logging
     from distillery.training import train
 
     tidy_logging()
     result = run_or_explain(train, cfg)
     report(result)
+    return result.get("optimized")  # optimized_metric's value, for a sweeper (Optuna)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ def test_default_run_logs_to_wandb_offline_without_a_key(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") or k in ("WANDB_DIR", "WANDB_CACHE_DIR")}
     env["HOME"] = str(tmp_path / "home")  # no ~/.netrc with a W&B key
     env["WANDB_CONFIG_DIR"] = str(tmp_path / "wandb-config")
-    # The default run, shortened: 3 steps and 8 evaluation prompts.
-    proc = run("train.py", "trainer.max_steps=3", "eval.num_prompts=8", f"paths.log_dir={tmp_path}", env=env)
+    # The default run, shortened: 3 steps, 8 evaluation prompts, latency timed once at batch 1.
+    proc = run("train.py", "trainer.max_steps=3", "eval.num_prompts=8", "eval.metrics.latency.batch_sizes=[1]",
+               "eval.metrics.latency.warmup=0", "eval.metrics.latency.repeats=1", f"paths.log_dir={tmp_path}", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "no API key configured" in out and "wandb sync" in out

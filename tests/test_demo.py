@@ -80,16 +80,15 @@ def test_a_short_distillation_brings_the_student_closer_to_the_teacher(tmp_path)
     s = dataclasses.replace(_eval_settings(cfg, 24, steps=10), fid_feature=None, prompt_metrics={})
     prompts = _prompts(24)
 
-    def psnr_to_teacher(teacher, student) -> float:
-        models = [EvalModel("teacher", "teacher", "t", teacher),
-                  EvalModel("student", "student", "s", dataclasses.replace(teacher, unet=student.eval()))]
-        results = evaluate_models(models, prompts, s, cfg.scheduler, None, "cpu", torch.float32, progress=False)
-        return results[1]["metrics"]["vs_teacher/psnr_db"]
-
     parts = build(cfg)
-    before = psnr_to_teacher(parts["teacher"], parts["student"])
+    teacher = parts["teacher"]
     ckpt = torch.load(train(cfg)["checkpoint"], map_location="cpu", weights_only=False)
-    after = psnr_to_teacher(parts["teacher"], student_from_checkpoint(ckpt))
+    # One evaluation, the teacher's images drawn once: the student before and after training.
+    models = [EvalModel("teacher", "teacher", "t", teacher)] + [
+        EvalModel("student", name, name, dataclasses.replace(teacher, unet=unet.eval()))
+        for name, unet in (("before", parts["student"]), ("after", student_from_checkpoint(ckpt)))]
+    results = evaluate_models(models, prompts, s, cfg.scheduler, None, "cpu", torch.float32, progress=False)
+    before, after = (r["metrics"]["vs_teacher/psnr_db"] for r in results[1:])
     assert after > before + 1.0, (before, after)
 
 

@@ -20,7 +20,9 @@ from conftest import ROOT, compose_train
 # and a global batch holds the same two records, in the same order, as one process's batch of 2.
 DATA = ["data.source.size=8", "+data.source.shard_size=1", "data.resolution=64"]
 COMMON = ["arch=bk_small", *DATA, "trainer.log_every_n_steps=1", "eval.at_end=false", "optim.optimizer.lr=1e-3",
-          "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.max_steps=4"]
+          "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.max_steps=4", "method.ema_decay=0.9",
+          # Below the gradient's norm (4-7 here): every step clips, over all ranks' gradients.
+          "trainer.gradient_clip_val=0.05"]
 TIMEOUT = 300  # no run may hang the suite, whatever a process group does
 
 
@@ -36,6 +38,12 @@ class RankProbe(L.Callback):
             f.write("".join(f"{trainer.global_step} {k}\n" for k in batch["key"]))
 
     def on_train_end(self, trainer, pl_module) -> None:
+        # What this rank holds of the teacher: its wrapper and its share of the weights.
+        unet = pl_module.teacher.unet
+        (self.out / f"teacher_rank{trainer.global_rank}.txt").write_text(
+            f"{type(unet).__name__} {sum(p.numel() for p in unet.parameters())}")
+        if type(trainer.strategy).__name__ == "FSDPStrategy":
+            return  # each rank holds shards: the checkpoint has the whole student
         torch.save({k: v.detach().clone() for k, v in pl_module.student.state_dict().items()},
                    self.out / f"student_rank{trainer.global_rank}.pt")
 
@@ -93,21 +101,37 @@ def test_two_processes_train_one_student_on_disjoint_shards_into_one_run(two_pro
     assert not (run / "student_rank1").exists()
 
 
-@pytest.mark.slow
-def test_one_process_with_twice_the_batch_trains_the_same_student(two_process_run, tiny_sd_folder, tmp_path):
-    probe = tmp_path / "probe"
+@pytest.fixture(scope="module")
+def one_process_run(tiny_sd_folder, tmp_path_factory):
+    """The reference: one process with the global batch (2) as its own."""
+    base = tmp_path_factory.mktemp("single")
+    run, probe = base / "run", base / "probe"
     train_py([*COMMON, f"arch.teacher={tiny_sd_folder}", "trainer=cpu", "data.batch_size=2", "logger=csv",
-              "export_at_end=false", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, probe)
-    single = keys(probe, 0)
-    k0, k1 = keys(two_process_run["probe"], 0), keys(two_process_run["probe"], 1)
-    assert single == [x for pair in zip(k0, k1) for x in pair]  # the same records per step
-    one, two = weights(probe, 0), weights(two_process_run["probe"], 0)
-    # The same sums in another order (DDP averages the two ranks' gradients): AdamW turns a
-    # rounding difference of a gradient near zero into up to a step of lr, so the tolerance is
-    # half of one step (lr 1e-3) for every weight and 1e-6 for all but 0.1% of them.
-    diff = torch.cat([(two[k].float() - one[k].float()).abs().flatten() for k in one])
+              "export_at_end=false", f"hydra.run.dir={run}"], base, probe)
+    return {"run": run, "probe": probe}
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    """The same sums in another order (the ranks' gradients averaged): AdamW turns a rounding
+    difference of a gradient near zero into up to a step of lr, so the tolerance is half of one
+    step (lr 1e-3) for every weight and 1e-6 for all but 0.1% of them."""
+    assert a.keys() == b.keys()
+    diff = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
     assert diff.max() < 5e-4, diff.max()
     assert (diff > 1e-6).float().mean() < 1e-3, (diff > 1e-6).float().mean()
+
+
+def student_and_ema(ckpt: Path) -> dict:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith(("student.", "ema.module."))}
+
+
+@pytest.mark.slow
+def test_one_process_with_twice_the_batch_trains_the_same_student(two_process_run, one_process_run):
+    single = keys(one_process_run["probe"], 0)
+    k0, k1 = keys(two_process_run["probe"], 0), keys(two_process_run["probe"], 1)
+    assert single == [x for pair in zip(k0, k1) for x in pair]  # the same records per step
+    assert_same_training(weights(one_process_run["probe"], 0), weights(two_process_run["probe"], 0))
 
 
 def _resume_from_step_2(two_process_run, run: Path) -> None:
@@ -155,6 +179,9 @@ def test_devices_are_checked_against_the_machine(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(ConfigError, match="torch sees no CUDA GPU.*trainer.accelerator=cpu trainer.devices=2"):
         resolve_devices(compose_train(["trainer=ddp"], tmp_path))
+    with pytest.raises(ConfigError, match="trainer=fsdp shards the student of method=arch_kd.*"
+                                          "LatentConsistencyDistillation.*train it with trainer=ddp"):
+        resolve_devices(compose_train(["trainer=fsdp", "trainer.accelerator=cpu", "method=lcm"], tmp_path))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     cfg = compose_train(["trainer=ddp"], tmp_path)
@@ -181,3 +208,110 @@ def test_ranks_without_a_shard_are_refused_and_uneven_shards_said(caplog):
         dm.check_world(1)
     assert "3 data shards over 2 stream workers (1 ranks x 2 dataloader workers) do not divide evenly: each epoch " \
            "1 workers read 2 shards and the others 1" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_multirun_runs_each_job_on_its_own_two_ranks(tiny_sd_folder, tmp_path):
+    # Both jobs in one process (Hydra's basic launcher): the second must not find the first's
+    # process group or launcher variables, and each job's second rank runs that job's overrides.
+    train_py(["-m", "loss=task_only,segmind", *COMMON, "trainer.max_steps=2", f"arch.teacher={tiny_sd_folder}",
+              "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=1", "logger=none",
+              "export_at_end=false", f"paths.log_dir={tmp_path}"], tmp_path, Path("${hydra:runtime.output_dir}/probe"))
+    (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
+    students = []
+    for job in ("0", "1"):
+        probe = sweep / job / "probe"
+        a, b = weights(probe, 0), weights(probe, 1)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"job {job}: the ranks disagree"
+        assert not {k for _, k in keys(probe, 0)} & {k for _, k in keys(probe, 1)}
+        assert torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+        students.append(a)
+    # Job 1's ranks trained with job 1's loss (feature KD), not job 0's: other weights.
+    assert any(not torch.equal(students[0][k], students[1][k]) for k in students[0])
+    assert "| 1 | segmind |" in (sweep / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_student_and_its_checkpoint_loads_anywhere(one_process_run, tiny_sd_folder, tmp_path):
+    """trainer=fsdp over two CPU processes: the student and its EMA sharded block by block, the
+    gradient clipped over every shard; the checkpoint is gathered whole, resumes on one process
+    without FSDP, and the export is the whole student."""
+    run, probe = tmp_path / "run", tmp_path / "probe"
+    train_py([*COMMON, f"arch.teacher={tiny_sd_folder}", "trainer=fsdp", "trainer.accelerator=cpu",
+              "trainer.devices=2", "data.batch_size=1", "logger=none", "eval.every_n_steps=2",
+              "eval.prompts=[a red circle,a blue square]", f"hydra.run.dir={run}"], tmp_path, probe)
+    reference = one_process_run["run"]
+    # The grids during training: every rank gathers the student, rank 0 draws from the whole copy.
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    assert not {k for _, k in keys(probe, 0)} & {k for _, k in keys(probe, 1)}  # disjoint shards
+    # One file holding the whole student and EMA, with the names of an unsharded run, the same
+    # training as one process.
+    sharded = student_and_ema(run / "checkpoints" / "last.ckpt")
+    assert_same_training(sharded, student_and_ema(reference / "checkpoints" / "last.ckpt"))
+    assert any(k.startswith("ema.module.") for k in sharded)
+    # The exported student is the whole (EMA) student; the teacher was replicated, whole on each rank.
+    from diffusers import UNet2DConditionModel
+
+    total = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(tiny_sd_folder / "unet").parameters())
+    assert [(probe / f"teacher_rank{r}.txt").read_text() for r in range(2)] == [f"UNet2DConditionModel {total}"] * 2
+    unet = UNet2DConditionModel.from_pretrained(run / "student" / "unet")
+    for k, v in unet.state_dict().items():
+        assert torch.equal(v, sharded[f"ema.module.{k}"]), k
+    # Step 2's checkpoint resumes on one process, without FSDP, and trains the same student.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "checkpoints" / "step_0000002.ckpt", resumed / "checkpoints" / "last.ckpt")
+    from distillery.training import train
+
+    result = train(compose_train([*COMMON, f"arch.teacher={tiny_sd_folder}", "trainer=cpu", "data.batch_size=2",
+                                  "logger=none", "export_at_end=false", "ckpt_path=last"], resumed))
+    assert result["global_step"] == 4
+    assert_same_training(student_and_ema(result["checkpoint"]), student_and_ema(reference / "checkpoints" / "last.ckpt"))
+
+
+@pytest.mark.slow
+def test_sharded_teacher_and_sharded_checkpoints_resume_on_another_world_size(one_process_run, tiny_sd_folder,
+                                                                              tmp_path):
+    """The teacher sharded too, the checkpoints written as per-rank shards: the same training as
+    one process; the shards resume on one process under FSDP, and only under FSDP."""
+    from diffusers import UNet2DConditionModel
+
+    from distillery.checkpoints import is_sharded, read_checkpoint
+    from distillery.config import ConfigError
+    from distillery.training import train
+
+    run = tmp_path / "run"
+    train_py([*COMMON, f"arch.teacher={tiny_sd_folder}", "trainer=fsdp", "trainer.accelerator=cpu",
+              "trainer.devices=2", "trainer.strategy.state_dict_type=sharded", "trainer.strategy.shard_teacher=true",
+              "eval.every_n_steps=4", "eval.prompts=[a red circle]", "data.batch_size=1", "logger=none",
+              f"hydra.run.dir={run}"], tmp_path, tmp_path / "probe")
+    # Each rank held about half of the teacher's weights (FSDP pads the last shard).
+    total = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(tiny_sd_folder / "unet").parameters())
+    held = [(tmp_path / "probe" / f"teacher_rank{r}.txt").read_text().split() for r in range(2)]
+    assert [kind for kind, _ in held] == ["FullyShardedDataParallel"] * 2
+    assert all(int(n) <= total // 2 + 2 for _, n in held) and sum(int(n) for _, n in held) == total, (held, total)
+    step_2 = run / "checkpoints" / "step_0000002.ckpt"
+    assert is_sharded(step_2) and is_sharded(run / "checkpoints" / "last.ckpt")  # folders of shards
+    whole = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]  # gathered in this process
+    reference = student_and_ema(one_process_run["run"] / "checkpoints" / "last.ckpt")
+    assert_same_training({k: v for k, v in whole.items() if k.startswith(("student.", "ema.module."))}, reference)
+    assert (run / "samples" / "step_0000004.png").is_file()  # drawn from the gathered teacher and student
+    unet = UNet2DConditionModel.from_pretrained(run / "student" / "unet")  # the export reads the shards too
+    assert all(torch.equal(v, whole[f"ema.module.{k}"]) for k, v in unet.state_dict().items())
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step_2, resumed / "checkpoints" / "last.ckpt")
+    one_process = [*COMMON, f"arch.teacher={tiny_sd_folder}", "data.batch_size=2", "logger=none",
+                   "export_at_end=false", "ckpt_path=last"]
+    with pytest.raises(ConfigError, match=r"is a sharded FSDP checkpoint .* this run's strategy is auto: resume it "
+                                          r"with trainer=fsdp \(on any number of devices\)"):
+        train(compose_train([*one_process, "trainer=cpu"], resumed))
+    # On one process under FSDP: the two ranks' shards are read as one, and training goes on as
+    # the one-process run's.
+    result = train(compose_train([*one_process, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1"],
+                                 resumed))
+    assert result["global_step"] == 4
+    resumed_state = read_checkpoint(result["checkpoint"])["state_dict"]
+    assert_same_training({k: v for k, v in resumed_state.items() if k.startswith(("student.", "ema.module."))},
+                         reference)

@@ -272,7 +272,7 @@ def test_collect_summarises_runs_by_loss_with_mean_and_spread(tmp_path, capsys):
     assert "| task | 1 | 0.050 | 5.000 |" in lines
     with pytest.raises(SystemExit, match="no run has fidelity/position; the runs have prompt_fidelity"):
         collect.main([str(tmp_path), "--figures", "fidelity/position"])
-    with pytest.raises(SystemExit, match="no results.json under"):
+    with pytest.raises(SystemExit, match="no results.json and no multirun job under"):
         collect.main([str(tmp_path / "kd0" / "nothing")])
 
 

@@ -95,13 +95,26 @@ def test_sigterm_mid_window_saves_at_the_step_boundary_and_resumes_exactly(tiny_
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6)
 
 
+# The variables srun gives task 0 of a one-task job of an array (Lightning's SLURMEnvironment
+# reads them), its scontrol a script that writes down how it was called.
+SLURM_TASK = {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2",
+              "SLURM_JOB_NAME": "distil", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+              "SLURM_NODEID": "0"}
+
+
 @pytest.mark.slow
-def test_sigusr1_to_the_entry_point_saves_and_exits_for_a_requeue(tiny_sd_folder, tmp_path):
+def test_sigusr1_under_slurm_saves_requeues_and_the_requeued_job_resumes_exactly(tiny_sd_folder, tmp_path,
+                                                                                  monkeypatch):
     run = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "arch=bk_small", f"arch.teacher={tiny_sd_folder}", *FAST,
-           "trainer.max_steps=100000", "trainer.accumulate_grad_batches=2",
-           "callbacks.model_checkpoint.every_n_train_steps=2", f"hydra.run.dir={run}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["arch=bk_small", f"arch.teacher={tiny_sd_folder}", *FAST, "trainer.accumulate_grad_batches=2",
+              "callbacks.model_checkpoint.every_n_train_steps=2"]
+    cmd = [sys.executable, str(ROOT / "src" / "train.py"), *common, "trainer.max_steps=100000",
+           f"hydra.run.dir={run}"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.calls"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, **SLURM_TASK, "OMP_NUM_THREADS": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -122,6 +135,26 @@ def test_sigusr1_to_the_entry_point_saves_and_exits_for_a_requeue(tiny_sd_folder
     # Saved at a step boundary: every micro-batch the loop processed belongs to a finished step.
     batches = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
     assert batches == 2 * step
+    # Rank 0 requeued the array task, after the checkpoint was saved.
+    assert (tmp_path / "scontrol.calls").read_text().split("\n")[0] == "requeue 4240_2"
+    assert "requeued SLURM job 4240_2" in out
+
+    # SLURM runs the requeued job's command again, as it was (no ckpt_path): it resumes from last.ckpt
+    # and goes on as the uninterrupted run does (one thread here too: the same reduction order).
+    for key, value in {**SLURM_TASK, "SLURM_RESTART_COUNT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    resumed = train(compose_train([*common, f"trainer.max_steps={step + 2}", "logger.csv.version=resumed"], run))
+    assert resumed["global_step"] == step + 2
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    straight = train(compose_train([*common, f"trainer.max_steps={step + 2}"], tmp_path / "straight"))
+    a = _losses(tmp_path / "straight" / "csv" / "metrics.csv")
+    b = _losses(run / "csv" / "resumed" / "metrics.csv")
+    assert set(b) == {step, step + 1}
+    for s in b:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), (s, a, b)
+    sa, sb = _ckpt(straight["checkpoint"])["state_dict"], _ckpt(resumed["checkpoint"])["state_dict"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6)
 
 
 def test_non_finite_loss_stops_before_the_weights_take_it(tiny_sd_folder, tmp_path, capsys):

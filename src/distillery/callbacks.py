@@ -104,8 +104,10 @@ class TrackerRunId(Callback):
 
 def wandb_run_id(ckpt_path: str | Path | None) -> str | None:
     """The W&B run id a checkpoint was written under (None when there is none)."""
-    from distillery.checkpoints import load_safely
+    from distillery.checkpoints import SHARDED_META, is_sharded, load_safely
 
+    if ckpt_path and is_sharded(ckpt_path):
+        ckpt_path = Path(ckpt_path) / SHARDED_META
     if not ckpt_path or not Path(ckpt_path).is_file():
         return None
     ckpt = load_safely(ckpt_path, mmap=True)
@@ -154,7 +156,8 @@ class TeacherStudentSamples(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step == self._last_step or step == 0 or not trainer.is_global_zero:
+        sharded = getattr(pl_module, "_sharded", lambda: False)()
+        if step == self._last_step or step == 0 or not (trainer.is_global_zero or sharded):
             return
         grid_due = self.every and step % self.every == 0
         metrics_due = self.metrics_every and step % self.metrics_every == 0
@@ -165,6 +168,12 @@ class TeacherStudentSamples(Callback):
         if parts is None:
             return
         teacher, student = parts
+        if sharded:  # FSDP: every rank gathers the student (and a sharded teacher), rank 0 samples
+            student = pl_module.whole_unet(student)
+            whole_teacher = pl_module.whole_unet(teacher.unet)
+            if student is None:
+                return
+            teacher = dataclasses.replace(teacher, unet=whole_teacher)
         was_training = student.training
         student.eval()
         seconds = {}
@@ -278,10 +287,17 @@ class StopOnSignal(Callback):
     accumulation window, and exits with status 0; without a SLURM environment SIGUSR1 kills the
     process. This callback takes both signals over once training starts (Lightning restores the
     previous handlers at teardown). Under DDP a signal any rank received stops every rank at the
-    same step."""
+    same step.
 
-    def __init__(self, dirpath: str | Path, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")) -> None:
+    Under SLURM, SIGUSR1 is the time-limit notice (hydra/launcher=slurm_gpu asks for it): with
+    ``requeue`` rank 0 then requeues the job (``scontrol requeue``, as Lightning's own SLURM
+    handler would) once the checkpoint is on disk, and the requeued job resumes from it by itself.
+    SIGTERM (a cancel, or a preemption that SLURM requeues itself) only saves and stops."""
+
+    def __init__(self, dirpath: str | Path, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+                 requeue: bool = True) -> None:
         self.dirpath = Path(dirpath)
+        self.requeue = requeue
         # SIGUSR1 does not exist on Windows.
         self.signals = [getattr(signal, name) for name in signals if hasattr(signal, name)]
         self.received: int | None = None
@@ -336,10 +352,17 @@ class StopOnSignal(Callback):
         self._previous = {}
 
     def _stop(self, trainer: L.Trainer) -> None:
+        from distillery.distributed import requeue_slurm_job
+
         status = 128 + int(self.received)
         if trainer.is_global_zero:
             log.warning("received %s at step %d: saved %s, exiting with status %d so the scheduler can requeue",
                         signal.Signals(self.received).name, self._saved_at, self.dirpath / "last.ckpt", status)
+            if self.requeue and self.received == getattr(signal, "SIGUSR1", None):
+                job = requeue_slurm_job()
+                if job is not None:
+                    log.warning("requeued SLURM job %s: it resumes from %s when it runs again", job,
+                                self.dirpath / "last.ckpt")
         _keep_checkpoints(trainer)
         raise RunInterrupted(status)
 

@@ -73,9 +73,44 @@ def load_safely(path: str | Path, map_location: Any = "cpu", mmap: bool = False)
     return ckpt
 
 
-def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
-    """A distillery training checkpoint, loaded safely and checked to be one."""
-    ckpt = load_safely(path, mmap=mmap)
+# The file of a sharded FSDP checkpoint folder (trainer=fsdp trainer.strategy.state_dict_type=
+# sharded) that holds everything but the model's and optimizer's tensors (Lightning's name).
+SHARDED_META = "meta.pt"
+
+
+def is_sharded(path: str | Path) -> bool:
+    """A sharded FSDP checkpoint: a folder of per-rank shards (torch.distributed.checkpoint)."""
+    return Path(path).is_dir() and (Path(path) / SHARDED_META).is_file()
+
+
+def _sharded_weights(path: Path) -> dict:
+    """The model's tensors of a sharded checkpoint gathered into one state dict, in this process
+    (no process group): the optimizer's shards are left, only trainer=fsdp resumes those."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = Path(tmp) / "whole.pt"
+        try:
+            dcp_to_torch_save(path, whole)
+        except Exception as err:
+            raise CheckpointError(f"sharded checkpoint {str(path)!r} does not load: {err}") from None
+        return load_safely(whole)["model"]
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False, weights: bool = True) -> dict:
+    """A distillery training checkpoint, loaded safely and checked to be one: a file, or the
+    folder of a sharded FSDP checkpoint (its weights gathered; ``weights=False``: only what is
+    not a tensor of the model or optimizer, e.g. to check a resume)."""
+    if is_sharded(path):
+        ckpt = load_safely(Path(path) / SHARDED_META)
+        if weights:
+            ckpt["state_dict"] = _sharded_weights(Path(path))
+        elif "distillery" in ckpt:
+            return ckpt
+    else:
+        ckpt = load_safely(path, mmap=mmap)
     if "distillery" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(
             f"{str(path)!r} is not a distillery training checkpoint (no student description in it; "
@@ -114,7 +149,7 @@ def newest_loadable(folder: Path, exclude: Path | None = None) -> tuple[Path, di
                         reverse=True)
     for path in candidates:
         try:
-            return path, read_checkpoint(path, mmap=True)
+            return path, read_checkpoint(path, mmap=True, weights=False)
         except CheckpointError:
             continue
     return None

@@ -324,20 +324,27 @@ def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
     without unpickling code and be a distillery checkpoint. ``last``: checkpoints/last.ckpt, or,
     when that file is damaged, the newest checkpoint of the folder that loads. A run refuses a
     checkpoint folder that holds checkpoints it does not resume from: it would not own them."""
-    from distillery.checkpoints import CheckpointError, newest_loadable, read_checkpoint
+    from distillery.checkpoints import CheckpointError, is_sharded, newest_loadable, read_checkpoint
+    from distillery.distributed import slurm_job_id, slurm_restarts, strategy_name
 
     ckpt_dir = _checkpoint_dir(cfg)
     wanted = cfg.get("ckpt_path")
-    if wanted == "last":
+    if not wanted and slurm_restarts() and (ckpt_dir / "last.ckpt").exists():
+        # A requeued job runs its first command again, in the same folder: it continues.
+        log.warning("SLURM job %s was requeued (restart %d): resuming from %s", slurm_job_id(), slurm_restarts(),
+                    ckpt_dir / "last.ckpt")
+        wanted = "last"
+    resume_last = wanted == "last"
+    if resume_last:
         last = ckpt_dir / "last.ckpt"
-        if not last.is_file():
+        if not last.exists():
             raise ConfigError(
                 f"ckpt_path=last but {last} does not exist. To resume a run, point Hydra at its folder: "
                 "python src/train.py ckpt_path=last hydra.run.dir=<outputs/.../the run's folder> (with the run's overrides)"
             )
         try:
-            read_checkpoint(last, mmap=True)
-            return str(last)
+            read_checkpoint(last, mmap=True, weights=False)
+            wanted = str(last)
         except CheckpointError as err:
             found = newest_loadable(ckpt_dir, exclude=last)
             if found is None:
@@ -345,9 +352,16 @@ def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
             # The damaged file stays until this run saves its own last.ckpt over it.
             log.warning("%s; resuming from %s (step %d), the newest checkpoint that loads", err, found[0].name,
                         int(found[1].get("global_step", 0)))
-            return str(found[0])
+            wanted = str(found[0])
+    if wanted and is_sharded(wanted) and strategy_name(cfg.trainer) != "fsdp":
+        raise ConfigError(
+            f"{wanted} is a sharded FSDP checkpoint (a folder of per-rank shards, written with "
+            f"trainer.strategy.state_dict_type=sharded) and this run's strategy is {strategy_name(cfg.trainer)}: "
+            "resume it with trainer=fsdp (on any number of devices); src/export.py and src/eval.py read it as it is")
+    if resume_last:
+        return wanted
     if wanted:
-        read_checkpoint(wanted, mmap=True)
+        read_checkpoint(wanted, mmap=True, weights=False)
     others = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     if others and not (wanted and Path(wanted).resolve().parent == ckpt_dir.resolve()):
         raise ConfigError(
@@ -365,7 +379,7 @@ def _check_resume(ckpt_path: str | None, model) -> int | None:
         return None
     from distillery.checkpoints import check_same_run, read_checkpoint
 
-    ckpt = read_checkpoint(ckpt_path, mmap=True)
+    ckpt = read_checkpoint(ckpt_path, mmap=True, weights=False)
     info = getattr(model, "export_info", {})
     if hasattr(model, "round_info"):  # trained in rounds: the student of the checkpoint's round
         rounds = model.round_schedule.rounds
@@ -395,7 +409,10 @@ def step_callbacks(cfg: DictConfig) -> list:
 def train(cfg: DictConfig) -> dict[str, Any]:
     from distillery.distributed import ranks_join_this_job, record_global_batch, resolve_devices
 
+    from distillery.sweeps import check_optimized_metric, finish_run
+
     validate(cfg)
+    check_optimized_metric(cfg)
     resolve_devices(cfg)
     ckpt_path = _resolve_ckpt_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -411,7 +428,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     if not loggers:  # logger=none: there is nowhere to send the learning rate
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    callbacks += [TrackerRunId(), StopOnSignal(_checkpoint_dir(cfg)), *step_callbacks(cfg)]
+    callbacks += [TrackerRunId(), StopOnSignal(_checkpoint_dir(cfg), requeue=bool(cfg.get("slurm_requeue", True))), *step_callbacks(cfg)]
     if cfg.eval.get("every_n_steps") or cfg.eval.get("metrics_every_n_steps"):
         callbacks.append(TeacherStudentSamples(cfg, run_dir))
     from distillery.checkpoints import SafeCheckpointIO
@@ -423,38 +440,41 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     record_global_batch(cfg, trainer.num_devices, trainer.is_global_zero)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    status = "failed"
-    try:
+    # The whole job inside: a multirun runs its next job in this process with a clean slate.
+    with ranks_join_this_job():
+        status = "failed"
         try:
-            with ranks_join_this_job():
+            try:
                 trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        except torch.OutOfMemoryError as err:
-            from distillery.perf import memory_error
+            except torch.OutOfMemoryError as err:
+                from distillery.perf import memory_error
 
-            raise memory_error(err, model.device, describe_step(cfg)) from None
+                raise memory_error(err, model.device, describe_step(cfg)) from None
 
-        # Checkpoints are written every N steps; make sure the final step is on disk too.
-        ckpt_dir = _checkpoint_dir(cfg)
-        ckpt_cb = trainer.checkpoint_callback
-        final = ckpt_dir / "last.ckpt"
-        if ckpt_cb is not None and getattr(ckpt_cb, "_last_global_step_saved", -1) == trainer.global_step \
-                and ckpt_cb.last_model_path:
-            final = Path(ckpt_cb.last_model_path)
-        elif ckpt_cb is not None:
-            trainer.save_checkpoint(final)
-        if model.skipped and any(model.skipped.values()):
-            from distillery.data.streaming import skipped_summary
+            # Checkpoints are written every N steps; make sure the final step is on disk too.
+            ckpt_dir = _checkpoint_dir(cfg)
+            ckpt_cb = trainer.checkpoint_callback
+            final = ckpt_dir / "last.ckpt"
+            if ckpt_cb is not None and getattr(ckpt_cb, "_last_global_step_saved", -1) == trainer.global_step \
+                    and ckpt_cb.last_model_path:
+                final = Path(ckpt_cb.last_model_path)
+            elif ckpt_cb is not None:
+                trainer.save_checkpoint(final)
+            if model.skipped and any(model.skipped.values()):
+                from distillery.data.streaming import skipped_summary
 
-            log.warning("the data stream skipped samples: %s", skipped_summary(model.skipped))
-        result: dict[str, Any] = {"run_dir": run_dir, "global_step": trainer.global_step,
-                                  "skipped": dict(model.skipped),
-                                  "checkpoint": final,
-                                  "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
-        if cfg.get("export_at_end") and trainer.is_global_zero and final.is_file():
-            result.update(runner.finish(cfg, parts, final, run_dir, loggers))
-        status = "success"
-    finally:
-        close_loggers(loggers, status)
+                log.warning("the data stream skipped samples: %s", skipped_summary(model.skipped))
+            result: dict[str, Any] = {"run_dir": run_dir, "global_step": trainer.global_step,
+                                      "skipped": dict(model.skipped),
+                                      "checkpoint": final,
+                                      "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+            if cfg.get("export_at_end") and trainer.is_global_zero and final.exists():  # a file, or FSDP shards
+                result.update(runner.finish(cfg, parts, final, run_dir, loggers))
+            if trainer.is_global_zero:
+                result["optimized"] = finish_run(cfg, result, run_dir)
+            status = "success"
+        finally:
+            close_loggers(loggers, status)
     return result
 
 
@@ -466,8 +486,14 @@ def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: lis
     from distillery.sampling import build_sampler, generate, grid, make_pipeline
     from distillery.schedule import step_scheduler
 
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
     teacher, model = parts["teacher"], parts["model"]
-    if teacher.vae is None:  # trained from a latent cache: the pipeline needs the encoders now
+    if isinstance(teacher.unet, FullyShardedDataParallel):  # sharded across ranks that have finished
+        teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed).freeze(model.frozen_dtype)
+        for module in teacher.frozen_modules.values():
+            place(module, model.device)
+    elif teacher.vae is None:  # trained from a latent cache: the pipeline needs the encoders now
         device = teacher.unet.device
         teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed)
         for module in teacher.frozen_modules.values():

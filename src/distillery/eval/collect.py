@@ -1,5 +1,8 @@
 """Gather the results.json files of many runs (a multirun folder, a list of eval runs) into
-one table, and draw image quality against U-Net latency. Used by notebooks/results.ipynb."""
+one table, and draw image quality against U-Net latency. Used by notebooks/results.ipynb.
+
+    python -m distillery.eval.collect <multirun folder>   # one row per job, then mean ± std by loss
+"""
 
 from __future__ import annotations
 
@@ -105,6 +108,113 @@ def summary_table(rows: list[dict], by: str = "loss", figures: tuple[str, ...] =
     return "\n".join(lines)
 
 
+# ---- the jobs of one multirun ----------------------------------------------------------------
+JOB_FIGURES = ("fid", "prompt_fidelity", "vs_teacher/psnr_db", "train/loss")
+
+
+def job_folders(folder: str | Path) -> list[Path]:
+    """The job folders of a multirun folder (its numbered sub-folders that Hydra ran a job in)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    jobs = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and (p / ".hydra").is_dir()]
+    return sorted(jobs, key=lambda p: int(p.name))
+
+
+def load_jobs(folder: str | Path) -> list[dict]:
+    """Per job: its number, its folder, its overrides and its summary.json (None for a job that
+    left none: it failed, or is still running)."""
+    import yaml
+
+    jobs = []
+    for job in job_folders(folder):
+        overrides_file = job / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        summary_file = job / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+        jobs.append({"job": int(job.name), "folder": job, "overrides": list(overrides or []), "summary": summary})
+    return jobs
+
+
+def jobs_table(jobs: list[dict], short: bool = True) -> tuple[list[str], list[list[str]], list[str], str | None]:
+    """(columns, rows, overrides every job shares, the best job's line): the overrides that
+    differ between jobs as columns, then the optimised figure and the usual final figures.
+    ``short``: a sampled number (0.8116262258099887) shown to 4 significant digits."""
+    from distillery.sweeps import lower_is_better
+
+    def split(override: str) -> tuple[str, str]:
+        key, _, value = override.partition("=")
+        if short and len(value) > 8:
+            try:
+                value = f"{float(value):.4g}"
+            except ValueError:
+                pass
+        return key, value
+
+    keys: list[str] = []
+    for j in jobs:
+        for key, _ in map(split, j["overrides"]):
+            if key not in keys:
+                keys.append(key)
+    values = {key: [dict(map(split, j["overrides"])).get(key, "") for j in jobs] for key in keys}
+    varying = [k for k in keys if len(set(values[k])) > 1]
+    common = [f"{k}={values[k][0]}" for k in keys if k not in varying]
+    metrics = {j["summary"].get("optimized_metric") for j in jobs if j["summary"]} - {None}
+    metric = next(iter(metrics)) if len(metrics) == 1 else None
+    figures = [f for f in JOB_FIGURES if f != metric and any(j["summary"] and f in j["summary"]["figures"] for j in jobs)]
+    columns = ["job", *varying, *([f"{metric} (optimised)"] if metric else []), *figures, "steps"]
+    rows = []
+    for i, j in enumerate(jobs):
+        summary = j["summary"]
+        row = [str(j["job"]), *(values[k][i] for k in varying)]
+        if summary is None:
+            rows.append(row + ["no summary.json (failed or unfinished)"] + [""] * (len(columns) - len(row) - 1))
+            continue
+        shown = ([metric] if metric else []) + figures
+        row += [f"{summary['figures'][f]:.4g}" if f in summary["figures"] else "-" for f in shown]
+        rows.append(row + [str(summary.get("global_step", ""))])
+    best = None
+    scored = [j for j in jobs if metric and j["summary"] and metric in j["summary"]["figures"]]
+    if scored:
+        pick = (min if lower_is_better(metric) else max)(scored, key=lambda j: j["summary"]["figures"][metric])
+        chosen = " ".join(f"{k}={v}" for k, v in map(split, pick["overrides"]) if k in varying)
+        best = (f"best {metric}: job {pick['job']} ({chosen}) "
+                f"= {pick['summary']['figures'][metric]:.4g}")
+    return columns, rows, common, best
+
+
+def jobs_markdown(folder: str | Path) -> str:
+    jobs = load_jobs(folder)
+    columns, rows, common, best = jobs_table(jobs)
+    lines = [f"# multirun {Path(folder)}", "", f"{len(jobs)} jobs" + (f"; every job: {' '.join(common)}" if common else ""),
+             ""]
+    if best:
+        lines += [best, ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep_summary(folder: str | Path) -> dict[str, Path]:
+    """``summary.md`` and ``summary.csv`` (one row per job) in a multirun folder; {} when it
+    holds no job."""
+    import csv
+
+    folder = Path(folder)
+    jobs = load_jobs(folder)
+    if not jobs:
+        return {}
+    columns, rows, _, _ = jobs_table(jobs, short=False)
+    md = folder / "summary.md"
+    md.write_text(jobs_markdown(folder))
+    path = folder / "summary.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    return {"md": md, "csv": path}
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -116,9 +226,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated figures of results.json to show (default: %(default)s); "
                              "e.g. fidelity/position for one attribute of the shapes world")
     args = parser.parse_args(argv)
+    sweeps = [f for f in args.folders if job_folders(f)]
+    for folder in sweeps:  # a multirun folder: its jobs first, one row each
+        print(jobs_markdown(folder))
     rows = load_rows(args.folders)
     if not rows:
-        raise SystemExit(f"no results.json under {args.folders}")
+        if sweeps:
+            return
+        raise SystemExit(f"no results.json and no multirun job under {args.folders}")
     figures = tuple(f.strip() for f in args.figures.split(",") if f.strip())
     known = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))})
     unknown = [f for f in figures if f not in known]

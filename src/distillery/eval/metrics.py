@@ -133,11 +133,14 @@ class FeatureDistance:
             raise MetricSetupError(f"FID needs at least 2 reference and 2 generated images, got {n_real} and {n_fake}")
         real, fake = torch.cat(self._real), torch.cat(fake)
         dim = real.shape[1]
-        fid = FrechetInceptionDistance(feature=_Precomputed(dim), normalize=True)
+        # An evaluation runs in one process, rank 0 of a training run included: no metric waits
+        # for the other ranks (sync_on_compute).
+        fid = FrechetInceptionDistance(feature=_Precomputed(dim), normalize=True, sync_on_compute=False)
         subset = min(self.kid_subset_size, n_real, n_fake)
         with warnings.catch_warnings():  # "KID keeps every feature in memory": so do we, by design
             warnings.simplefilter("ignore", UserWarning)
-            kid = KernelInceptionDistance(feature=_Precomputed(dim), normalize=True, subset_size=subset)
+            kid = KernelInceptionDistance(feature=_Precomputed(dim), normalize=True, subset_size=subset,
+                                          sync_on_compute=False)
         for metric in (fid, kid):
             metric.update(real, real=True)
             metric.update(fake, real=False)
@@ -193,7 +196,7 @@ class ClipScore:
     def __init__(self, model: str, device: torch.device | str = "cpu") -> None:
         from torchmetrics.multimodal.clip_score import CLIPScore
 
-        self.metric = CLIPScore(model_name_or_path=clip_loader(model)).to(device)
+        self.metric = CLIPScore(model_name_or_path=clip_loader(model), sync_on_compute=False).to(device)
         self.device = torch.device(device)
 
     @torch.no_grad()

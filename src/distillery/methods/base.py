@@ -111,6 +111,9 @@ class Distiller(L.LightningModule):
         for module in self.teacher.frozen_modules.values():
             place(module, self.device)  # the dtypes were set by Teacher.freeze
         apply_perf(self.perf, self.student, self.teacher.unet, self.device)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "shard_teacher", False):  # trainer=fsdp trainer.strategy.shard_teacher=true
+            self.teacher.unet = strategy.shard_frozen(self.teacher.unet)
 
     # ---- inputs ---------------------------------------------------------------------------
     def generator(self, batch_idx: int) -> torch.Generator:
@@ -297,8 +300,47 @@ class Distiller(L.LightningModule):
         if self._trainer is not None and not self.trainer._logger_connector.should_update_logs:
             return
         grads = [p.grad for p in self.student.parameters() if p.grad is not None]
-        if grads:
+        if self._sharded():  # each rank holds a shard of every gradient: the norm of them all
+            square = torch.nn.utils.get_total_norm(grads).square() if grads else torch.zeros((), device=self.device)
+            torch.distributed.all_reduce(square)
+            self.log("train/grad_norm", square.sqrt(), on_step=True, on_epoch=False)
+        elif grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
+
+    def _sharded(self) -> bool:
+        """Trained under FSDP: the student's parameters and gradients are shards, one per rank."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+
+    def whole_unet(self, unet: nn.Module) -> nn.Module | None:
+        """A U-Net as one plain module, to sample from outside the training step: itself, or,
+        when FSDP shards it (the student; the teacher with trainer.strategy.shard_teacher), a
+        copy gathered on rank 0 (None on the other ranks; every rank must call this, the
+        gathering is collective)."""
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if not isinstance(unet, FSDP):
+            return unet
+        from diffusers import UNet2DConditionModel
+
+        # Offloaded to the CPU from a GPU only: torch's offload crashes on shards already there.
+        config = FullStateDictConfig(offload_to_cpu=self.device.type != "cpu", rank0_only=True)
+        with FSDP.state_dict_type(unet, StateDictType.FULL_STATE_DICT, config):
+            state = unet.state_dict()
+        if not self.trainer.is_global_zero:
+            return None
+        whole = UNet2DConditionModel.from_config(unet.config)
+        whole.load_state_dict(state)
+        return whole.to(self.device, dtype=next(iter(state.values())).dtype).eval().requires_grad_(False)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val and self._sharded() and gradient_clip_algorithm in (None, "norm"):
+            # The norm over every rank's shard, as one process would clip the whole gradient.
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
