@@ -16,6 +16,7 @@
 #   gpu_paths  tests/test_gpu.py: bf16-mixed + bf16 teacher + fused AdamW, CUDA generators and an
 #              exact resume, gradient checkpointing, the cache built and read on the GPU,
 #              CUDA-event latency, autocast grids, trainer=ddp on one GPU, train + export + eval,
+#              trainer=fsdp on one GPU (NCCL, bf16, sharded teacher, gathered grids and export),
 #              a real out-of-memory error and its message
 # Where the image lacks packages, `bash benchmarks/gpu_prepare.sh` beforehand fills .gpu/wheels.
 set -u -o pipefail
@@ -61,7 +62,7 @@ part() {  # part <name> <seconds> <command...>
   [ $rc -eq 0 ] || { failed+=("$name"); tail -n 25 "$OUT/$name.log"; }
 }
 
-part bk_small 230 "$PY" src/benchmark.py $SD $STEPS benchmark.encode=false benchmark.reference_encode=true \
+part bk_small 215 "$PY" src/benchmark.py $SD $STEPS benchmark.encode=false benchmark.reference_encode=true \
   benchmark.profile=true "benchmark.levers=$LEVERS" benchmark.out="$OUT/bk_small.json" hydra.run.dir="$OUT/run_bk_small"
 part ssd1b 110 "$PY" src/benchmark.py $XL $STEPS benchmark.repeats=1 benchmark.encode=false \
   benchmark.out="$OUT/ssd1b.json" hydra.run.dir="$OUT/run_ssd1b"
@@ -76,7 +77,7 @@ else
   echo "== anchor: skipped (no .gpu/anchor_bench.py: bash benchmarks/gpu_prepare.sh)"
   failed+=("anchor (missing)")
 fi
-part gpu_paths 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
+part gpu_paths 170 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
 
 "$PY" - "$OUT" <<'PYEOF'
 import glob, json, os, sys, datetime

@@ -4,13 +4,12 @@ levers, random-weight teachers of the published sizes, and the out-of-memory mes
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from conftest import FAST, ROOT, compose_train
+from forkserver import run_script
 
 QUICK = ["arch.teacher=tiny-random", "data.resolution=32", "data.batch_size=2", "benchmark.steps=2",
          "benchmark.warmup=1", "benchmark.repeats=1", "benchmark.pool=2", "trainer.accelerator=cpu"]
@@ -25,8 +24,7 @@ def compose_benchmark(overrides, run_dir):
 @pytest.mark.slow
 def test_the_benchmark_prints_its_json_last_and_the_plain_loop_does_the_same_work(tmp_path):
     run = tmp_path / "bench"
-    done = subprocess.run([sys.executable, str(ROOT / "src" / "benchmark.py"), *QUICK, f"hydra.run.dir={run}"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = run_script([str(ROOT / "src" / "benchmark.py"), *QUICK, f"hydra.run.dir={run}"], cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     for key in ("images_per_sec", "ms_per_step", "peak_memory_bytes", "flops_per_step", "mfu",

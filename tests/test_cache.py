@@ -4,8 +4,6 @@ refused mismatches, and the entry point."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ from distillery.data.shapes import ShapesDataset
 from distillery.models.teacher import load_teacher
 
 from conftest import ROOT
+from forkserver import run_script
 
 RES = 64
 
@@ -152,9 +151,9 @@ def test_mismatched_stamps_are_refused_naming_the_difference(sd, sdxl, tmp_path)
 
 def test_entry_point_writes_shards_index_and_stamp(tmp_path):
     out = tmp_path / "cache"
-    cmd = [sys.executable, str(ROOT / "src" / "cache.py"), "data=shapes", "data.source.size=40", "arch=demo",
-           f"out={out}", "cache.shard_size=16"]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    cmd = [str(ROOT / "src" / "cache.py"), "data=shapes", "data.source.size=40", "arch=demo", f"out={out}",
+           "cache.shard_size=16"]
+    done = run_script(cmd, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(3)]
     index = json.loads((out / "index.json").read_text())

@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import ROOT
+from forkserver import run_script
 
 
 def run(script: str, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "src" / script), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env or os.environ.copy(), cwd=ROOT)
+    """``python src/<script> <args>`` from the checkout, output captured (see forkserver)."""
+    return run_script([str(ROOT / "src" / script), *args], cwd=ROOT, env=env, timeout=timeout)
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, compose_train
+from forkserver import run_script
 
 # 8 records in 8 one-record shards: with a batch of 1 per rank, 2 ranks x 4 steps is one epoch,
 # and a global batch holds the same two records, in the same order, as one process's batch of 2.
@@ -51,9 +51,9 @@ class RankProbe(L.Callback):
 def train_py(args: list[str], cwd: Path, probe: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src")]),
            "WANDB_MODE": "offline"}
-    cmd = [sys.executable, str(ROOT / "src" / "train.py"), *args, "+callbacks.probe._target_=test_distributed.RankProbe",
+    cmd = [str(ROOT / "src" / "train.py"), *args, "+callbacks.probe._target_=test_distributed.RankProbe",
            f"+callbacks.probe.out={probe}"]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    proc = run_script(cmd, cwd=cwd, env=env, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 

@@ -1,7 +1,7 @@
 """The paths that only run on a GPU: bf16-mixed training with a bf16 teacher and the fused AdamW,
 noise from CUDA generators (and an exact resume), gradient checkpointing, the latent cache built
 and read on the GPU, CUDA-event latency, autocast in the training-time grids, trainer=ddp on one
-GPU, and a short train + export + eval. Skipped without CUDA; `benchmarks/gpu.sh` runs them.
+GPU, and a short train + export + eval, trainer=fsdp on one GPU. Skipped without CUDA; `benchmarks/gpu.sh` runs them.
 
 DISTILLERY_GPU_TESTS_ON=cpu runs the same tests on the CPU (their GPU-only assertions skipped),
 to check the tests themselves on a machine without a GPU."""
@@ -142,6 +142,29 @@ def test_ddp_on_one_gpu_then_export_and_evaluate(tiny_sd_folder, tmp_path):
     assert pipe.unet.config.mid_block_type is None
     results = json.loads((run / "eval" / "results.json").read_text())
     assert [m["label"] for m in results["models"]][:2] == ["teacher", "student"]
+
+
+def test_fsdp_on_one_gpu_shards_gathers_and_exports(tiny_sd_folder, tmp_path):
+    """`trainer=fsdp` on one device (NCCL, bf16-mixed): the student, its EMA and the teacher
+    wrapped, the training-time grid drawn from the gathered U-Nets (the full state dict
+    offloaded to the CPU), the whole checkpoint and the export."""
+    from diffusers import StableDiffusionPipeline
+
+    run = tmp_path / "run"
+    args = ["arch=bk_small", f"arch.teacher={tiny_sd_folder}", "trainer=fsdp", f"trainer.accelerator={ACCEL}",
+            "trainer.devices=1", "trainer.strategy.shard_teacher=true", "trainer.max_steps=4", "method.ema_decay=0.9",
+            "data.batch_size=2", "data.resolution=64", "logger=csv", "eval.every_n_steps=2", "eval.prompts=[a red circle]",
+            "eval.at_end=false", "callbacks.model_checkpoint.every_n_train_steps=2", f"hydra.run.dir={run}"]
+    done = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), *args], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 4 and any(k.startswith("ema.module.") for k in state["state_dict"])
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    pipe = StableDiffusionPipeline.from_pretrained(run / "student")
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, state["state_dict"][f"ema.module.{k}"]), k
 
 
 def test_running_out_of_gpu_memory_names_the_peak_and_the_levers(tmp_path):

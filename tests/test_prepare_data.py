@@ -12,7 +12,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from PIL import Image
 
 from distillery.data.prepare import PrepareError, apply_filters
+from forkserver import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,8 +83,7 @@ def image_server(tmp_path):
 def _run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
            "NO_ALBUMENTATIONS_UPDATE": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "src" / "prepare_data.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return run_script([str(ROOT / "src" / "prepare_data.py"), *args], cwd=ROOT, env=env, timeout=timeout)
 
 
 def _samples(out: Path) -> dict[str, dict]:

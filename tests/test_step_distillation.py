@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +15,7 @@ import pytest
 import torch
 
 from conftest import FAST, ROOT, compose_train
+from forkserver import run_script
 from distillery.training import train
 from test_training import _losses
 
@@ -253,9 +252,9 @@ def test_a_run_killed_in_round_one_resumes_in_round_one(tiny_sd_folder, tmp_path
     run = tmp_path / "killed"
     # One thread, as this process (the one_thread fixture): the same reduction order.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src")]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "src" / "train.py"), *common, f"hydra.run.dir={run}",
+    cmd = [str(ROOT / "src" / "train.py"), *common, f"hydra.run.dir={run}",
            "+callbacks.kill_at._target_=test_step_distillation.KillAt", "+callbacks.kill_at.step=5"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_script(cmd, cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 5 and last["rounds"]["round"] == 1  # killed in round 1 (steps 3-5)

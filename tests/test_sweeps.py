@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, compose_train
+from forkserver import run_script
 
 # The default (demo) run, shortened: 2 steps and a 4-prompt end-of-run evaluation at 4 steps.
 QUICK_DEMO = ["trainer.max_steps=2", "eval.num_prompts=4", "eval.metrics.latency.batch_sizes=[]",
@@ -20,10 +21,10 @@ QUICK_DEMO = ["trainer.max_steps=2", "eval.num_prompts=4", "eval.metrics.latency
 
 @pytest.mark.slow
 def test_an_optuna_sweep_of_two_trials_through_submitit_returns_each_runs_figure(tmp_path):
-    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "-m", "hparams_search=loss_weights_optuna",
+    cmd = [str(ROOT / "src" / "train.py"), "-m", "hparams_search=loss_weights_optuna",
            "hydra/launcher=submitit_local", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
            *QUICK_DEMO, f"paths.log_dir={tmp_path}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = run_script(cmd, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
     assert list((sweep / ".submitit").iterdir()), "the jobs did not go through submitit"
