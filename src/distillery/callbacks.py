@@ -156,12 +156,14 @@ class TeacherStudentSamples(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        sharded = getattr(pl_module, "_sharded", lambda: False)()
-        if step == self._last_step or step == 0 or not (trainer.is_global_zero or sharded):
+        if step == self._last_step or step == 0:
             return
         grid_due = self.every and step % self.every == 0
         metrics_due = self.metrics_every and step % self.metrics_every == 0
         if not (grid_due or metrics_due):
+            return
+        sharded = getattr(pl_module, "_sharded", lambda: False)()
+        if not (trainer.is_global_zero or sharded):  # FSDP: every rank takes part in the gathering
             return
         self._last_step = step
         parts = self._parts(pl_module)

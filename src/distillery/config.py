@@ -395,7 +395,9 @@ def validate(cfg: DictConfig) -> None:
     if str(precision) not in valid_precision:
         problems.append(f"trainer.precision={precision!r} is not one of {', '.join(valid_precision)}")
     ckpt = cfg.get("ckpt_path")
-    if ckpt not in (None, "last") and not (Path(str(ckpt)).is_file() or (Path(str(ckpt)) / "meta.pt").is_file()):
+    from distillery.checkpoints import is_sharded
+
+    if ckpt not in (None, "last") and not (Path(str(ckpt)).is_file() or is_sharded(str(ckpt))):
         problems.append(f"ckpt_path={ckpt!r} is not a checkpoint file (give a .ckpt path, a sharded FSDP checkpoint "
                         "folder, or 'last' to resume this run folder)")
     if problems:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distillery.config import ConfigError
@@ -141,8 +143,6 @@ def ranks_join_this_job() -> Iterator[None]:
     closed and the launcher's variables are unset, so that the next job of a multirun, in this
     same process, starts its own ranks (with them still set, it would wait for this job's ranks,
     which have exited)."""
-    import os
-
     from lightning.pytorch.strategies.launchers import subprocess_script
 
     environment = {key: os.environ.get(key) for key in LAUNCH_VARIABLES}
@@ -166,8 +166,6 @@ def ranks_join_this_job() -> Iterator[None]:
 def slurm_job_id() -> str | None:
     """The id ``scontrol`` knows this job by (``<array job>_<task>`` for a job-array task, which
     is how hydra/launcher=slurm_gpu submits a sweep), or None outside SLURM."""
-    import os
-
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array and task:
         return f"{array}_{task}"
@@ -176,8 +174,6 @@ def slurm_job_id() -> str | None:
 
 def slurm_restarts() -> int:
     """How many times SLURM has requeued this job (0 outside SLURM and on the first run)."""
-    import os
-
     try:
         return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     except ValueError:
@@ -227,13 +223,20 @@ def block_classes(names) -> set[type]:
     return found
 
 
-def _fsdp_base():
-    from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
+def full_state_dict_type(module: torch.nn.Module, offload: bool, rank0_only: bool = True):
+    """FSDP's context for a whole (gathered) state dict of ``module`` and of its optimizer.
+    ``offload``: gathered into CPU memory, for shards on a GPU; torch crashes offloading shards
+    that already are on the CPU, so CPU processes gather without it (the same tensors)."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.api import FullOptimStateDictConfig
 
-    return LightningFSDPStrategy
+    return FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT,
+                                FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+                                FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only))
 
 
-class FSDPStrategy(_fsdp_base()):
+class FSDPStrategy(LightningFSDPStrategy):
     """Lightning's FSDPStrategy, configured for U-Nets: every module of a class named in
     ``wrap_blocks`` is one FSDP unit (its parameters sharded across the ranks, gathered for its
     forward and backward only). The U-Net itself is one (its convolutions in and out and its
@@ -270,9 +273,9 @@ class FSDPStrategy(_fsdp_base()):
                                         sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),
                                         **self.kwargs)
 
-    # CPU processes: torch's FSDP crashes gathering a full state dict "offloaded to the CPU" when
-    # the shards already are on it; the CPU gathers without offload (the same tensors, on the
-    # same device). On a GPU, Lightning's own gathering applies.
+    # CPU processes: Lightning always gathers a full state dict offloaded to the CPU, which
+    # torch's FSDP cannot do for shards already there (see full_state_dict_type). On a GPU,
+    # Lightning's own gathering applies.
     @contextlib.contextmanager
     def _full_state_dict_on_cpu(self) -> Iterator[None]:
         if self.root_device.type != "cpu":
@@ -281,14 +284,9 @@ class FSDPStrategy(_fsdp_base()):
         import lightning.fabric.strategies.fsdp as fabric_fsdp
         import lightning.fabric.strategies.model_parallel as fabric_model_parallel
         import lightning.pytorch.strategies.fsdp as pytorch_fsdp
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.api import FullOptimStateDictConfig
 
         def without_offload(module, world_size, rank0_only=True):
-            return FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT,
-                                        FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
-                                        FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
+            return full_state_dict_type(module, offload=False, rank0_only=rank0_only)
 
         namespaces = (fabric_fsdp, fabric_model_parallel, pytorch_fsdp)
         originals = [ns._get_full_state_dict_context for ns in namespaces]

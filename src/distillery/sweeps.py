@@ -13,19 +13,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from distillery.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Figures a sweep should make smaller; every other figure (PSNR, prompt fidelity, CLIP score,
-# agreement) is better higher.
-LOWER_IS_BETTER = ("fid", "kid", "unet_latency_s", "pipeline_latency_s")
-
-
 def lower_is_better(name: str) -> bool:
-    return name in LOWER_IS_BETTER or name.startswith("train/") or name.endswith("latency_s")
+    """FID, KID, latencies and training losses; every other figure (PSNR, prompt fidelity, CLIP
+    score, agreement) is better higher."""
+    return name in ("fid", "kid") or name.startswith("train/") or name.endswith("latency_s")
 
 
 def _sweeper_direction() -> str | None:
@@ -110,13 +108,7 @@ def finish_run(cfg: DictConfig, result: dict[str, Any], run_dir: Path) -> float 
     return value
 
 
-try:  # Hydra's callback API; the class below is only named by conf/hydra/default.yaml
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra < 1.2
-    _HydraCallback = object
-
-
-class SweepSummary(_HydraCallback):
+class SweepSummary(Callback):
     """At the end of a multirun, ``summary.md`` and ``summary.csv`` in its folder: one row per
     job, the overrides that differ between jobs and each job's final figures."""
 

@@ -408,7 +408,6 @@ def step_callbacks(cfg: DictConfig) -> list:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     from distillery.distributed import ranks_join_this_job, record_global_batch, resolve_devices
-
     from distillery.sweeps import check_optimized_metric, finish_run
 
     validate(cfg)
@@ -428,7 +427,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     if not loggers:  # logger=none: there is nowhere to send the learning rate
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    callbacks += [TrackerRunId(), StopOnSignal(_checkpoint_dir(cfg), requeue=bool(cfg.get("slurm_requeue", True))), *step_callbacks(cfg)]
+    stop = StopOnSignal(_checkpoint_dir(cfg), requeue=bool(cfg.get("slurm_requeue", True)))
+    callbacks += [TrackerRunId(), stop, *step_callbacks(cfg)]
     if cfg.eval.get("every_n_steps") or cfg.eval.get("metrics_every_n_steps"):
         callbacks.append(TeacherStudentSamples(cfg, run_dir))
     from distillery.checkpoints import SafeCheckpointIO
@@ -482,23 +482,21 @@ def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: lis
     """Export the student and draw a teacher-vs-student grid, same prompts and seeds. A
     step-distilled student samples at its own step count and scheduler, beside the teacher at
     its full step count and at the student's; every earlier round is exported too."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
     from distillery.export import export_student
     from distillery.sampling import build_sampler, generate, grid, make_pipeline
     from distillery.schedule import step_scheduler
 
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
     teacher, model = parts["teacher"], parts["model"]
-    if isinstance(teacher.unet, FullyShardedDataParallel):  # sharded across ranks that have finished
-        teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed).freeze(model.frozen_dtype)
-        for module in teacher.frozen_modules.values():
-            place(module, model.device)
-    elif teacher.vae is None:  # trained from a latent cache: the pipeline needs the encoders now
+    if teacher.vae is None:  # trained from a latent cache: the pipeline needs the encoders now
         device = teacher.unet.device
         teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed)
         for module in teacher.frozen_modules.values():
             place(module.requires_grad_(False).eval(), device)
-    elif hasattr(model, "round_schedule"):  # the round-0 teacher: the live one is a round's student
+    elif hasattr(model, "round_schedule") or isinstance(teacher.unet, FullyShardedDataParallel):
+        # The round-0 teacher (the live one is a round's student), or one sharded across ranks
+        # that have finished: loaded again, whole.
         teacher = load_teacher(cfg.arch.teacher, seed=cfg.seed)
         teacher.freeze(parts["model"].frozen_dtype)
         for module in teacher.frozen_modules.values():

@@ -30,6 +30,7 @@ import logging
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
 import torch
 from torch import Tensor, nn
 
@@ -309,8 +310,6 @@ class Distiller(L.LightningModule):
 
     def _sharded(self) -> bool:
         """Trained under FSDP: the student's parameters and gradients are shards, one per rank."""
-        from lightning.pytorch.strategies import FSDPStrategy
-
         return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
 
     def whole_unet(self, unet: nn.Module) -> nn.Module | None:
@@ -318,16 +317,15 @@ class Distiller(L.LightningModule):
         when FSDP shards it (the student; the teacher with trainer.strategy.shard_teacher), a
         copy gathered on rank 0 (None on the other ranks; every rank must call this, the
         gathering is collective)."""
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         if not isinstance(unet, FSDP):
             return unet
         from diffusers import UNet2DConditionModel
 
-        # Offloaded to the CPU from a GPU only: torch's offload crashes on shards already there.
-        config = FullStateDictConfig(offload_to_cpu=self.device.type != "cpu", rank0_only=True)
-        with FSDP.state_dict_type(unet, StateDictType.FULL_STATE_DICT, config):
+        from distillery.distributed import full_state_dict_type
+
+        with full_state_dict_type(unet, offload=self.device.type != "cpu"):
             state = unet.state_dict()
         if not self.trainer.is_global_zero:
             return None
