@@ -4,6 +4,7 @@ resumed on the same and on another world size."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -38,10 +39,14 @@ class RankProbe(L.Callback):
             f.write("".join(f"{trainer.global_step} {k}\n" for k in batch["key"]))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        # What this rank holds of the teacher: its wrapper and its share of the weights.
+        # What this rank holds of the teacher, the student and its EMA: the teacher's wrapper,
+        # and the share of each one's weights.
         unet = pl_module.teacher.unet
         (self.out / f"teacher_rank{trainer.global_rank}.txt").write_text(
             f"{type(unet).__name__} {sum(p.numel() for p in unet.parameters())}")
+        held = {name: sum(p.numel() for p in module.parameters())
+                for name, module in (("student", pl_module.student), ("ema", pl_module.ema)) if module is not None}
+        (self.out / f"held_rank{trainer.global_rank}.json").write_text(json.dumps(held))
         if type(trainer.strategy).__name__ == "FSDPStrategy":
             return  # each rank holds shards: the checkpoint has the whole student
         torch.save({k: v.detach().clone() for k, v in pl_module.student.state_dict().items()},
@@ -119,6 +124,15 @@ def assert_same_training(a: dict, b: dict) -> None:
     diff = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
     assert diff.max() < 5e-4, diff.max()
     assert (diff > 1e-6).float().mean() < 1e-3, (diff > 1e-6).float().mean()
+
+
+def assert_halved(probe: Path, whole: dict) -> None:
+    """Each of the two ranks held about half of the student's and of the EMA's weights (FSDP
+    pads the last shard), together all of them."""
+    total = sum(v.numel() for k, v in whole.items() if k.startswith("student."))
+    for name in ("student", "ema"):
+        held = [json.loads((probe / f"held_rank{r}.json").read_text())[name] for r in range(2)]
+        assert all(n <= total // 2 + 64 for n in held) and sum(held) == total, (name, held, total)
 
 
 def student_and_ema(ckpt: Path) -> dict:
@@ -248,6 +262,7 @@ def test_fsdp_shards_the_student_and_its_checkpoint_loads_anywhere(one_process_r
     # training as one process.
     sharded = student_and_ema(run / "checkpoints" / "last.ckpt")
     assert_same_training(sharded, student_and_ema(reference / "checkpoints" / "last.ckpt"))
+    assert_halved(probe, sharded)
     assert any(k.startswith("ema.module.") for k in sharded)
     # The exported student is the whole (EMA) student; the teacher was replicated, whole on each rank.
     from diffusers import UNet2DConditionModel
@@ -295,6 +310,7 @@ def test_sharded_teacher_and_sharded_checkpoints_resume_on_another_world_size(on
     whole = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]  # gathered in this process
     reference = student_and_ema(one_process_run["run"] / "checkpoints" / "last.ckpt")
     assert_same_training({k: v for k, v in whole.items() if k.startswith(("student.", "ema.module."))}, reference)
+    assert_halved(tmp_path / "probe", whole)
     assert (run / "samples" / "step_0000004.png").is_file()  # drawn from the gathered teacher and student
     unet = UNet2DConditionModel.from_pretrained(run / "student" / "unet")  # the export reads the shards too
     assert all(torch.equal(v, whole[f"ema.module.{k}"]) for k, v in unet.state_dict().items())

@@ -20,6 +20,7 @@ from distillery.config import ConfigError
 
 log = logging.getLogger(__name__)
 
+
 def lower_is_better(name: str) -> bool:
     """FID, KID, latencies and training losses; every other figure (PSNR, prompt fidelity, CLIP
     score, agreement) is better higher."""
