@@ -133,6 +133,7 @@ class TeacherStudentSamples(Callback):
         self._warned = False
         # The frozen teacher's row of the grid, drawn once: (what it depends on, images).
         self._teacher_row: tuple[tuple, list] | None = None
+        self._teacher_short: tuple[tuple, list] | None = None  # the teacher at a step-distilled student's count
         self.seconds_total = 0.0  # spent on grids and quick metrics so far
 
     def _parts(self, pl_module):
@@ -220,9 +221,14 @@ class TeacherStudentSamples(Callback):
             from distillery.schedule import step_scheduler
 
             n = int(sampling["num_inference_steps"])
+            short_key = (key, n)  # the teacher at the student's step count (DDIM), also drawn once
+            if self._teacher_short is None or self._teacher_short[0] != short_key:
+                self._teacher_short = (short_key, generate(make_pipeline(teacher, teacher.unet, step_scheduler(teacher)),
+                                                           prompts, ev.seed, n, ev.guidance_scale, res, batch_size=batch))
             row = generate(make_pipeline(teacher, student, step_scheduler(teacher, sampling)), prompts, ev.seed, n,
-                           float(sampling["guidance_scale"]), res, batch_size=batch)
-            image = grid({"teacher": self._teacher_row[1], f"student {n} st.": row})
+                           float(sampling["guidance_scale"]), res, batch_size=batch, timesteps=sampling.get("timesteps"))
+            image = grid({"teacher": self._teacher_row[1], f"teacher {n} st.": self._teacher_short[1],
+                          f"student {n} st.": row})
         else:
             image = grid({"teacher": self._teacher_row[1], "student": draw_row(student)})
         path = self.out_dir / "samples" / f"step_{step:07d}.png"

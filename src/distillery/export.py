@@ -76,8 +76,13 @@ def _sampling_lines(info: dict) -> tuple[str, int, float | None]:
         return "", 25, None
     steps, scale = int(sampling["num_inference_steps"]), float(sampling["guidance_scale"])
     scheduler = sampling.get("scheduler", "DDIMScheduler")
-    how = f"{sampling.get('timestep_spacing', 'trailing')} timestep spacing" if scheduler == "DDIMScheduler" else \
-        f"over the {sampling.get('original_inference_steps', 50)}-step solver grid it was distilled on"
+    if "trained_timesteps" in sampling:  # a generator trained at fixed timesteps (DMD2)
+        how = (f"at the timesteps {sampling['trained_timesteps']} it was trained at: the x0 it predicts, re-noised "
+               "with fresh noise to the next timestep")
+    elif scheduler == "DDIMScheduler":
+        how = f"{sampling.get('timestep_spacing', 'trailing')} timestep spacing"
+    else:
+        how = f"over the {sampling.get('original_inference_steps', 50)}-step solver grid it was distilled on"
     lines = [f"- step-distilled ({info.get('method')}): samples in **{steps} steps of {scheduler}** "
              f"({how}; the scheduler in this folder)"]
     if "guidance_range" in sampling:
@@ -90,7 +95,7 @@ def _sampling_lines(info: dict) -> tuple[str, int, float | None]:
                      "(one U-Net call per step)")
     elif sampling.get("distilled_guidance_scale", 1.0) != 1.0:
         lines.append(f"- the teacher's guidance scale {sampling['distilled_guidance_scale']} is distilled in: "
-                     "sample with guidance_scale=1 (one U-Net call per step)")
+                     f"sample with guidance_scale={scale:g} (one U-Net call per step)")
     if "round" in info:
         lines.append(f"- round {info['round']} of the rounds {info.get('rounds_schedule')}")
     if info.get("lora"):
@@ -100,6 +105,13 @@ def _sampling_lines(info: dict) -> tuple[str, int, float | None]:
     return "\n".join(lines) + "\n", steps, scale
 
 
+def _steps_phrase(info: dict, step: int) -> str:
+    ratio = info.get("fake_updates_per_generator_step")
+    if ratio:  # DMD2: the global step counts the fake score's updates
+        return f"{step:,} iterations ({-(-step // int(ratio)):,} generator updates)"
+    return f"{step:,} optimizer steps"
+
+
 def model_card(info: dict, step: int, ema: bool, params: int, pipeline: str = "StableDiffusionPipeline",
                checkpoint: str | None = None) -> str:
     teacher = info["teacher"]
@@ -107,6 +119,8 @@ def model_card(info: dict, step: int, ema: bool, params: int, pipeline: str = "S
     loss = info.get("loss", {})
     sampling, steps, scale = _sampling_lines(info)
     call = f"num_inference_steps={steps}" + (f", guidance_scale={scale}" if scale is not None else "")
+    if (info.get("sampling") or {}).get("timesteps"):  # a list set_timesteps(steps) does not give
+        call += f", timesteps={info['sampling']['timesteps']}"
     what = "A Stable Diffusion U-Net" if info.get("arch") == "copy" else "A block-removed Stable Diffusion U-Net"
     losses = "" if info.get("sampling") else (
         f"- loss: task {loss.get('task')} + {loss.get('output')} x output KD + {loss.get('feature')} x feature KD "
@@ -123,7 +137,7 @@ tags: [stable-diffusion, knowledge-distillation, distillery, {info['arch']}]
 # {info['arch']} student of `{teacher}`
 
 {what} ({params:,} parameters) distilled with **distillery**
-from the teacher `{teacher}` for {step:,} optimizer steps{' (EMA weights)' if ema else ''}.
+from the teacher `{teacher}` for {_steps_phrase(info, step)}{' (EMA weights)' if ema else ''}.
 The VAE, text encoder and tokenizer are the teacher's.
 
 - student rule: `{json.dumps(info.get('rule', {}))}`

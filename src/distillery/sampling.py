@@ -34,9 +34,14 @@ def make_pipeline(teacher, unet, scheduler=None):
     )
 
 
+def timestep_kwargs(timesteps) -> dict:
+    """The pipeline argument of a model trained at its own timestep list (DMD2), when it has one."""
+    return {"timesteps": [int(t) for t in timesteps]} if timesteps else {}
+
+
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], seed: int, steps: int, guidance_scale: float, resolution: int,
-             batch_size: int = 8) -> list[Image.Image]:
+             batch_size: int = 8, timesteps=None) -> list[Image.Image]:
     """One image per prompt, ``batch_size`` prompts per pipeline call; prompt i always starts
     from the noise of seed + i (its own generator), whatever batch it falls in."""
     device = pipe.unet.device
@@ -46,7 +51,7 @@ def generate(pipe, prompts: Sequence[str], seed: int, steps: int, guidance_scale
         batch = prompts[lo:lo + max(1, int(batch_size))]
         gens = [torch.Generator(device=device).manual_seed(seed + lo + i) for i in range(len(batch))]
         out = pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale,
-                   height=resolution, width=resolution, generator=gens)
+                   height=resolution, width=resolution, generator=gens, **timestep_kwargs(timesteps))
         images.extend(out.images)
     return images
 

@@ -433,9 +433,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks.append(TeacherStudentSamples(cfg, run_dir))
     from distillery.checkpoints import SafeCheckpointIO
 
+    # A method that steps its own optimizers (DMD2) clips its own gradients (method.max_grad_norm).
+    clip = {} if model.automatic_optimization else {"gradient_clip_val": None}
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer),
-        plugins=[SafeCheckpointIO()],
+        plugins=[SafeCheckpointIO()], **clip,
     )
     record_global_batch(cfg, trainer.num_devices, trainer.is_global_zero)
     for lg in loggers:
@@ -524,7 +526,8 @@ def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: lis
         rows[f"teacher {n} st."] = generate(make_pipeline(teacher, teacher.unet, step_scheduler(teacher)), prompts,
                                            cfg.eval.seed, n, g, res, batch_size=batch)
         rows[f"student {n} st."] = generate(make_pipeline(teacher, student, step_scheduler(teacher, sampling)), prompts,
-                                           cfg.eval.seed, n, float(sampling["guidance_scale"]), res, batch_size=batch)
+                                           cfg.eval.seed, n, float(sampling["guidance_scale"]), res, batch_size=batch,
+                                           timesteps=sampling.get("timesteps"))
     else:
         rows["student"] = generate(make_pipeline(teacher, student, sampler), prompts, cfg.eval.seed, steps, g, res,
                                    batch_size=batch)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from distillery.inspect import TEXT_TOKENS
+from distillery.sampling import timestep_kwargs
 
 
 def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
@@ -79,7 +80,7 @@ def unet_latency(unet, latent_size: int, batch_sizes: Sequence[int], warmup: int
 
 @torch.no_grad()
 def pipeline_latency(pipe, prompt: str, batch_sizes: Sequence[int], steps: int, guidance_scale: float,
-                     resolution: int, warmup: int = 1, repeats: int = 3) -> list[dict]:
+                     resolution: int, warmup: int = 1, repeats: int = 3, timesteps=None) -> list[dict]:
     """One row per batch size: median seconds of a whole text-to-image call (text encoding,
     every denoising step, VAE decoding) for that many images."""
     device = pipe.unet.device
@@ -88,6 +89,6 @@ def pipeline_latency(pipe, prompt: str, batch_sizes: Sequence[int], steps: int, 
     for b in batch_sizes:
         def call(b=int(b)):
             return pipe([prompt] * b, num_inference_steps=steps, guidance_scale=guidance_scale,
-                        height=resolution, width=resolution, output_type="pt")
+                        height=resolution, width=resolution, output_type="pt", **timestep_kwargs(timesteps))
         rows.append(_row(b, time_call(call, device, warmup, repeats)))
     return rows

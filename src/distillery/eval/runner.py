@@ -25,6 +25,7 @@ from distillery.eval.metrics import (
     ClipScore, FeatureDistance, MetricSetupError, RunningMeans, prompt_metrics, psnr, to_tensor,
 )
 from distillery.models.teacher import Teacher, load_teacher, place, resolve_dtype
+from distillery.sampling import timestep_kwargs
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -69,6 +70,7 @@ class EvalModel:
         if not self.sampling:
             return s
         return dataclasses.replace(s, steps=int(self.sampling["num_inference_steps"]),
+                                   timesteps=self.sampling.get("timesteps"),
                                    guidance_scale=float(self.sampling.get("guidance_scale", s.guidance_scale)))
 
     def sampler(self, scheduler_cfg: Any):
@@ -97,7 +99,8 @@ def with_steps(model: EvalModel, steps: int) -> EvalModel:
     """A step-distilled ``model`` sampled at ``steps`` instead of its export's count (same
     scheduler, same guidance)."""
     return EvalModel(f"{model.label}_{steps}steps", model.role, model.source, model.parts, model.info,
-                     sampling={**model.sampling, "num_inference_steps": int(steps)})
+                     sampling={**{k: v for k, v in model.sampling.items() if k != "timesteps"},
+                               "num_inference_steps": int(steps)})
 
 
 def at_more_steps(model: EvalModel, steps) -> list[EvalModel]:
@@ -195,6 +198,7 @@ class EvalSettings:
     num_prompts: int = 1000
     seed: int = 1234
     steps: int = 25
+    timesteps: list | None = None  # a step-distilled model's own timestep list (DMD2), when not the scheduler's
     guidance_scale: float = 7.5
     resolution: int = 512  # generation
     batch_size: int = 8
@@ -238,7 +242,7 @@ def _generate(pipe, prompts: list[str], first_index: int, s: EvalSettings) -> li
     device = pipe.unet.device
     gens = [torch.Generator(device=device).manual_seed(s.seed + first_index + i) for i in range(len(prompts))]
     out = pipe(prompts, num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
-               height=s.resolution, width=s.resolution, generator=gens)
+               height=s.resolution, width=s.resolution, generator=gens, **timestep_kwargs(s.timesteps))
     return out.images
 
 
@@ -362,7 +366,8 @@ def evaluate_models(models: Sequence[EvalModel], prompts: Sequence[str], setting
             figures["unet_latency_s"] = rows_unet[0]["per_image_s"]
         if s.latency_batch_sizes and s.pipeline_latency:
             rows_pipe = pipeline_latency(pipe, prompts[0], s.latency_batch_sizes, ms.steps, ms.guidance_scale,
-                                         s.resolution, warmup=1, repeats=max(1, s.latency_repeats // 3))
+                                         s.resolution, warmup=1, repeats=max(1, s.latency_repeats // 3),
+                                         timesteps=ms.timesteps)
             latency["pipeline"] = rows_pipe
             figures["pipeline_latency_s"] = rows_pipe[0]["per_image_s"]
         sc.seconds["latency"] = time.perf_counter() - t1
