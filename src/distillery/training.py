@@ -174,14 +174,19 @@ def step_method_problems(cfg: DictConfig, teacher_config: dict | None) -> list[E
             problems.append(GuidanceEmbeddingError(
                 f"method.student={str(m.student)!r} already takes a guidance embedding of time_cond_proj_dim={have}, "
                 f"not method.w_embedding_dim={m.w_embedding_dim}: set method.w_embedding_dim={have} to continue it"))
-    guides = guided or float(m.get("guidance_scale", 1.0)) > 1
-    dropout = teacher_caption_dropout(str(cfg.arch.teacher))
-    if guides and dropout == 0:
-        log.warning("arch.teacher=%s was trained without caption dropout (data.caption_dropout=0 in its "
-                    "training_config.yaml): it has no trained unconditional branch, so the classifier-free "
-                    "guidance %s distils extrapolates from an input it never learned",
-                    cfg.arch.teacher, "of method.w_min..w_max" if guided else f"at method.guidance_scale={m.guidance_scale}")
+    if guided or float(m.get("guidance_scale", 1.0)) > 1:
+        warn_without_unconditional(cfg, "the classifier-free guidance " + (
+            "of method.w_min..w_max" if guided else f"at method.guidance_scale={m.guidance_scale}") + " distils")
     return problems
+
+
+def warn_without_unconditional(cfg: DictConfig, what: str) -> None:
+    """Warn when the teacher was trained without caption dropout: ``what`` (a guidance it is used
+    for) then extrapolates from an unconditional input the teacher never learned."""
+    if teacher_caption_dropout(str(cfg.arch.teacher)) == 0:
+        log.warning("arch.teacher=%s was trained without caption dropout (data.caption_dropout=0 in its "
+                    "training_config.yaml): it has no trained unconditional branch, so %s extrapolates from an "
+                    "input it never learned", cfg.arch.teacher, what)
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:

@@ -125,9 +125,6 @@ class DistributionMatchingDistillation(Distiller):
         T = self.schedule.num_train_timesteps
         if problem := timestep_problem(list(timesteps), T):
             raise ConfigError(problem)
-        if not isinstance(fake_updates_per_generator_step, int) or fake_updates_per_generator_step < 1:
-            raise ConfigError(f"method.fake_updates_per_generator_step={fake_updates_per_generator_step!r} must be an "
-                              "integer >= 1 (the fake score's updates per generator update; 5 published for SDXL)")
         self.timesteps = [int(t) for t in timesteps]
         self.real_guidance_scale = float(real_guidance_scale)
         self.ratio = int(fake_updates_per_generator_step)
@@ -150,7 +147,7 @@ class DistributionMatchingDistillation(Distiller):
             self.taps.enabled = False
         # The last generator update's terms, logged at every iteration (the logger writes every
         # log_every_n_steps iterations, which need not be generator iterations); checkpointed.
-        self.generator_terms: dict[str, float] = {}
+        self.generator_terms: dict[str, Tensor] = {}
 
     # ---- counts -------------------------------------------------------------------------------------
     def generator_updates(self, iterations: int) -> int:
@@ -242,14 +239,14 @@ class DistributionMatchingDistillation(Distiller):
                         self.ema.update_parameters(self.student)
                 finally:
                     self.untoggle_optimizer(g_opt)
-                self.generator_terms = {k: float(v.detach()) for k, v in terms.items()}
+                self.generator_terms = {k: v.detach() for k, v in terms.items()}
                 x = x.detach()
             else:
                 with torch.no_grad():
                     x = self.generate_x0(z.to(latents.dtype), t, text, added)
             fake_terms = self.fake_update(x, latents, text, added, gen, f_opt)
             f_sched.step()
-        logged = {**{k: torch.tensor(v) for k, v in self.generator_terms.items()}, **fake_terms}
+        logged = {**{k: v.to(self.device) for k, v in self.generator_terms.items()}, **fake_terms}
         if "generator_loss" in logged:
             logged["loss"] = logged["generator_loss"]
         logged["generator_updates"] = torch.tensor(float(self.generator_updates(iteration + 1)))
@@ -328,11 +325,12 @@ class DistributionMatchingDistillation(Distiller):
     # ---- checkpoints ----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["dmd2"] = {"generator_terms": dict(self.generator_terms)}
+        checkpoint["dmd2"] = {"generator_terms": {k: float(v) for k, v in self.generator_terms.items()}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.generator_terms = {k: float(v) for k, v in (checkpoint.get("dmd2") or {}).get("generator_terms", {}).items()}
+        self.generator_terms = {k: torch.tensor(float(v)) for k, v in
+                                (checkpoint.get("dmd2") or {}).get("generator_terms", {}).items()}
 
     # ---- what the export carries ----------------------------------------------------------------------
     def sampling(self) -> dict:
@@ -359,10 +357,10 @@ def preflight_problems(cfg, teacher_config) -> list[Exception]:
     """What the config and the teacher's folder tell before its weights load."""
     from omegaconf import OmegaConf
 
-    from distillery.config import ConfigError
+    from distillery.config import ConfigError, _check_unet_folder
     from distillery.distributed import strategy_name
     from distillery.models.teacher import local_scheduler_config
-    from distillery.training import teacher_caption_dropout
+    from distillery.training import warn_without_unconditional
 
     m, problems = cfg.method, []
     config = local_scheduler_config(str(cfg.arch.teacher))
@@ -392,18 +390,11 @@ def preflight_problems(cfg, teacher_config) -> list[Exception]:
     if not isinstance(g, (int, float)) or g < 1:
         problems.append(ConfigError(f"method.real_guidance_scale={g!r} must be a number >= 1 (diffusers' guidance_scale "
                                     "convention: 1 is the teacher's conditional model; 1.75 published for SD 1.5, 8 for SDXL)"))
-    elif g > 1 and teacher_caption_dropout(str(cfg.arch.teacher)) == 0:
-        log.warning("arch.teacher=%s was trained without caption dropout (data.caption_dropout=0 in its "
-                    "training_config.yaml): it has no trained unconditional branch, so the real score's guidance at "
-                    "method.real_guidance_scale=%s extrapolates from an input it never learned", cfg.arch.teacher, g)
-    folder = m.get("init_from")
-    if folder is not None:
-        from pathlib import Path
-
-        path = Path(str(folder)).expanduser()
-        if not ((path / "unet" / "config.json").is_file() or (path / "config.json").is_file()):
-            problems.append(ConfigError(f"method.init_from={folder!r} is not a pipeline folder with unet/ nor a U-Net "
-                                        "folder (no config.json): give an exported student (<run>/student), or null"))
+    elif g > 1:
+        warn_without_unconditional(cfg, f"the real score's guidance at method.real_guidance_scale={g}")
+    folder_problems: list[str] = []
+    _check_unet_folder(m, "init_from", folder_problems)
+    problems.extend(ConfigError(p) for p in folder_problems)
     if int(OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1) or 1) != 1:
         problems.append(ConfigError(
             f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} with method=dmd2: the generator and "
