@@ -17,10 +17,11 @@ from omegaconf import DictConfig  # noqa: E402
 
 
 def print_tables(info: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from distillery.cli import console, format_macs
+
+    out = console()
     t, s = info["teacher_blocks"], info["student_blocks"]
     table = Table(title=f"{info['arch']} from {info['teacher']} ({info['family']}) at {info['resolution']} px")
     for col in ("", "teacher", "student", "student / teacher"):
@@ -29,14 +30,14 @@ def print_tables(info: dict) -> None:
         ratio = f"{s[part] / t[part]:.3f}" if t[part] else "-"
         table.add_row(f"params {part}", f"{t[part]:,}", f"{s[part]:,}", ratio)
     mt, ms = info["macs"]["teacher"], info["macs"]["student"]
-    table.add_row("MACs / forward", f"{mt / 1e9:.1f}G", f"{ms / 1e9:.1f}G", f"{ms / mt:.3f}")
-    console.print(table)
+    table.add_row("MACs / forward", format_macs(mt), format_macs(ms), f"{ms / mt:.3f}")
+    out.print(table)
     pairs = Table(title=f"{len(info['feature_pairs'])} feature pairs")
     for col in ("#", "teacher", "student", "shape (batch 1)"):
         pairs.add_column(col)
     for i, p in enumerate(info["feature_pairs"]):
         pairs.add_row(str(i), p["teacher"], p["student"], str(tuple(p["shape"])))
-    console.print(pairs)
+    out.print(pairs)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="inspect")

@@ -30,4 +30,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from distillery.plugins import exit_if_plugin_missing
+
+    exit_if_plugin_missing(sys.argv[1:], ROOT / "conf")
     main()

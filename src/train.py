@@ -16,6 +16,8 @@ sys.path.insert(0, str(ROOT / "src"))  # works from a plain checkout, installed 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+import distillery  # noqa: E402,F401  (registers the resolver of hydra.output_subdir)
+
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
@@ -29,4 +31,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from distillery.plugins import exit_if_plugin_missing
+
+    exit_if_plugin_missing(sys.argv[1:], ROOT / "conf")
     main()

@@ -193,3 +193,25 @@ def test_bad_checkpoint_files_are_named_with_what_is_wrong(first_run, tiny_sd_fo
     with pytest.raises(CheckpointError, match=r"arch=bk_small \(this run: arch=bk_tiny\)"):
         train(compose_train(["arch=bk_tiny", *_common(tiny_sd_folder)[1:], "trainer.max_steps=3", "ckpt_path=last"],
                             run))
+
+
+def test_the_last_step_is_logged_between_two_logging_steps(tiny_sd_folder, tmp_path):
+    run = tmp_path / "run"
+    train(compose_train([*_common(tiny_sd_folder), "trainer.max_steps=7", "trainer.log_every_n_steps=5"], run))
+    assert _steps(run / "csv" / "metrics.csv") == [4, 6]  # steps 5 and 7 (the rows count from 0)
+    short = tmp_path / "short"  # shorter than one logging interval: still one row
+    train(compose_train([*_common(tiny_sd_folder), "trainer.max_steps=2", "trainer.log_every_n_steps=50"], short))
+    assert _steps(short / "csv" / "metrics.csv") == [1]
+
+
+def test_an_evaluation_of_an_older_student_is_set_aside(tmp_path, caplog):
+    from distillery.training import _set_aside_stale_eval
+
+    (tmp_path / "eval").mkdir()
+    doc = {"models": [{"role": "teacher", "label": "teacher"}, {"role": "student", "label": "student", "step": 2}]}
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(doc))
+    _set_aside_stale_eval(tmp_path, 2)  # of this very student: kept
+    assert (tmp_path / "eval" / "results.json").is_file()
+    _set_aside_stale_eval(tmp_path, 4)  # the run went on to step 4 and did not evaluate again
+    assert not (tmp_path / "eval").exists() and (tmp_path / "eval_step2" / "results.json").is_file()
+    assert "evaluated the student of step 2, not this one (step 4)" in caplog.text

@@ -34,7 +34,7 @@ def test_train_then_export_then_sample(tiny_sd_folder, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "student")
     image = pipe("a small green circle on a black background, top right", num_inference_steps=2).images[0]
-    assert image.size == (64, 64)
+    assert image.size == (32, 32)  # the training resolution (data=shapes), whatever the teacher's default
 
 
 @pytest.mark.slow
@@ -82,6 +82,11 @@ def test_inspector_json_is_one_object():
     assert round(info["macs"]["teacher"] / 1e9, 1) == 338.7 and round(info["macs"]["student"] / 1e9, 1) == 205.0
     assert len(info["feature_pairs"]) == 6
     assert info["feature_pairs"][2]["teacher"] == "down_blocks.2.attentions.1.proj_out"
+    # The tables, printed into a pipe as in a log file: nothing cut, MACs in a unit that shows them.
+    proc = run("arch.py", "arch=bk_tiny")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "…" not in proc.stdout and "down_blocks.2.attentions.1.proj_out" in proc.stdout
+    assert "339G" in proc.stdout and "205G" in proc.stdout
 
 
 def test_user_errors_are_one_clear_message(tmp_path):
@@ -89,8 +94,67 @@ def test_user_errors_are_one_clear_message(tmp_path):
     assert proc.returncode != 0 and "bk_small" in proc.stderr and "bk_smal" in proc.stderr
     proc = run("train.py", "loss.task=-1", "data.batch_size=0", f"paths.log_dir={tmp_path}", "logger=none")
     assert proc.returncode == 2
+    assert not list(tmp_path.rglob(".hydra")), "a run stopped by its config left a folder behind"
     assert "loss.task=-1" in proc.stderr and "data.batch_size=0" in proc.stderr and "Traceback" not in proc.stderr
     proc = run("arch.py", "arch=bk_tiny", "arch.teacher=stabilityai/stable-diffusion-xl-base-1.0")
     assert proc.returncode == 2 and "sdxl" in proc.stderr and "Traceback" not in proc.stderr
     proc = run("export.py", f"out={tmp_path}")
     assert proc.returncode == 2 and "missing ckpt" in proc.stderr
+
+
+@pytest.mark.parametrize("override, plugin", [("hydra/launcher=parallel", "hydra-joblib-launcher"),
+                                              ("hparams_search=loss_weights_optuna", "hydra-optuna-sweeper")])
+def test_a_multirun_plugin_that_is_not_installed_names_the_extra(tmp_path, override, plugin):
+    module = plugin.replace("-", "_")
+    # The plugin hidden as if its package were not installed; the run stops before Hydra composes.
+    code = ("import runpy, sys; sys.modules['hydra_plugins." + module + "'] = None; "
+            f"sys.argv = ['train.py', '-m', '{override}', 'paths.log_dir={tmp_path}']; "
+            f"runpy.run_path('{ROOT / 'src' / 'train.py'}', run_name='__main__')")
+    proc = subprocess.run([os.sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert plugin in proc.stderr and 'pip install -e ".[launchers]"' in proc.stderr and override in proc.stderr
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_resume_with_other_overrides_is_one_line_and_keeps_the_runs_overrides(tmp_path):
+    run_dir = tmp_path / "run"
+    first = ["trainer.max_steps=2", "eval.at_end=false", "export_at_end=false", "logger=none", "data.batch_size=2",
+             "callbacks.model_checkpoint.every_n_train_steps=1"]
+    proc = run("train.py", *first, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    recorded = overrides.read_text()
+    more = ["ckpt_path=last", "trainer.max_steps=3", f"hydra.run.dir={run_dir}"]
+    # Weights that do not load (an EMA this run has and the checkpoint lacks): one line, the fix.
+    proc = run("train.py", *first, "method.ema_decay=0.99", *more)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
+    assert "does not fit this run's model" in errors[0] and "weights this run has and it lacks (e.g. ema." in errors[0]
+    assert "arch=demo, method=arch_kd" in errors[0] and str(overrides) in errors[0]
+    # Another method: named before anything loads.
+    proc = run("train.py", *first, "method=lcm", *more)
+    assert proc.returncode == 2 and "method=arch_kd (this run: method=lcm)" in proc.stderr, proc.stderr[-3000:]
+    assert str(overrides) in proc.stderr and "Traceback" not in proc.stderr
+    # The run's own record is untouched; each attempt wrote its own beside it.
+    assert overrides.read_text() == recorded
+    assert len(list((run_dir / ".hydra").glob("resume_*/overrides.yaml"))) >= 1
+    # With the run's overrides it resumes.
+    proc = run("train.py", *first[1:], *more)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert overrides.read_text() == recorded and (run_dir / "checkpoints" / "step_0000003.ckpt").is_file()
+    # Its bar counts on from step 2 out of 3, with no bar without a total before it.
+    assert "2/3 [" in proc.stdout and "3/3 [" in proc.stdout and "/?" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_step_distillation_run_prints_no_library_noise(tmp_path):
+    proc = run("train.py", "arch=copy", "arch.teacher=tiny-random", "method=dmd2", "trainer.max_steps=2",
+               "method.fake_updates_per_generator_step=1", "data.resolution=32", "data.batch_size=2", "logger=none",
+               "eval.at_end=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert (tmp_path / "run" / "student" / "model_index.json").is_file()
+    for noise in ("requires torchvision", "were passed to LCMScheduler, but are not expected",
+                  "Using ModelCheckpoint with manual optimization"):
+        assert noise not in out, noise

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
@@ -247,6 +248,10 @@ def test_every_loss_and_arch_option_composes_and_validates(train_cfg, arch):
     # validates, keeps the arch asked for and gets exactly the loss asked for.
     for loss in LOSSES:
         cfg = train_cfg(f"loss={loss}", f"arch={arch}")
+        if arch == "copy" and cfg.loss.feature > 0:  # the teacher's own architecture pairs no features
+            with pytest.raises(ConfigError, match=f"loss.feature={cfg.loss.feature} but arch=copy pairs no features"):
+                validate(cfg)
+            continue
         validate(cfg)
         assert cfg.arch.name == arch
         assert cfg.loss._target_ == "distillery.losses.KDLoss"
@@ -276,6 +281,28 @@ def test_debug_fast_composes_and_validates(train_cfg):
     validate(cfg)
     assert cfg.trainer.max_steps == 4
     assert cfg.logger is None
+
+
+@pytest.mark.parametrize("override", ["debug=fast", "experiment=smoke"])
+def test_short_runs_evaluate_on_a_handful_of_prompts(train_cfg, override):
+    from distillery.eval.runner import settings_from_config
+
+    cfg = train_cfg(override)
+    s = settings_from_config(cfg.eval, cfg.data, cfg.scheduler)
+    assert cfg.eval.at_end and s.num_prompts <= 8 and s.latency_batch_sizes == [1]
+    full = train_cfg()  # the demo's evaluation: the judge's 200 prompts
+    assert settings_from_config(full.eval, full.data, full.scheduler).num_prompts == 200
+
+
+def test_latency_batch_sizes_auto_are_one_on_cpu_and_one_and_four_on_a_gpu(train_cfg, monkeypatch):
+    from distillery.eval.runner import settings_from_config
+
+    cfg = train_cfg()
+    assert cfg.eval.metrics.latency.batch_sizes == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert settings_from_config(cfg.eval, cfg.data, cfg.scheduler).latency_batch_sizes == [1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert settings_from_config(cfg.eval, cfg.data, cfg.scheduler).latency_batch_sizes == [1, 4]
 
 
 def test_demo_step_recipes_are_the_ones_the_readme_measures(train_cfg):

@@ -193,8 +193,8 @@ def test_eval_samples_a_dmd2_export_at_its_own_steps_beside_the_teacher(tiny_sd_
     doc = run_eval(cfg)
     got = {m["label"]: (m["sampling"]["sampler"], m["sampling"]["steps"], m["sampling"]["unet_calls_per_step"])
            for m in doc["models"]}
-    assert got["model"] == ("LCMScheduler", 1, 1)  # one step, one U-Net call
-    assert got["model_2steps"] == ("LCMScheduler", 2, 1)
+    assert got["dmd2"] == ("LCMScheduler", 1, 1)  # one step, one U-Net call
+    assert got["dmd2_2steps"] == ("LCMScheduler", 2, 1)
     assert got["reference"][1] == 2 and got["reference_1steps"][:2] == ("DDIMScheduler", 1)
 
 

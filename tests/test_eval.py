@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,6 +47,20 @@ def test_fid_of_a_set_against_itself_is_zero_and_against_another_set_is_large():
     assert noise["fid"] > 3 * other_world["fid"] > 0
     assert noise["kid"] > 2 * other_world["kid"]
     assert noise["fid_generated_images"] == 48 and noise["fid_reference_images"] == 48
+    # 48 images for 48 features: enough; 8: marked, in the results and in the printed table.
+    assert noise["fid_few_images"] is False and noise["fid_feature_dim"] == 48
+    few = dist.compute([dist.features(shapes_images(8, seed=4))])
+    assert few["fid_few_images"] is True
+    from rich.console import Console
+
+    from distillery.cli import figures_table
+
+    out = Console(width=200, record=True)
+    out.print(figures_table([{"label": "a", "role": "student", "metrics": few},
+                             {"label": "b", "role": "student", "metrics": noise}], "t"))
+    text = out.export_text()
+    assert f"{few['fid']:.2f}*" in text and f"{noise['fid']:.2f}*" not in text
+    assert "* from 8 images, fewer than the 48 feature dimensions" in text
 
 
 def test_fid_needs_images_and_a_known_feature_extractor():
@@ -110,7 +125,7 @@ def test_eval_writes_results_and_grid_and_logs_them_to_wandb(tiny_sd_folder, tin
                         f"metrics.clip_score.model={tiny_clip_folder}", "logger=wandb"], out)
     result = run_eval(cfg)
     doc = json.loads((out / "results.json").read_text())
-    assert [m["label"] for m in doc["models"]] == ["reference", "model"]
+    assert [m["label"] for m in doc["models"]] == ["reference", tiny_sd_folder.name]  # the folder's name
     assert {m["role"] for m in doc["models"]} == {"teacher"}
     assert doc["settings"]["num_prompts"] == 4 and doc["settings"]["steps"] == 2
     assert doc["settings"]["sampler"] == "DDIMScheduler" and doc["settings"]["prompts_from"].startswith("data:shapes")
@@ -130,8 +145,8 @@ def test_eval_writes_results_and_grid_and_logs_them_to_wandb(tiny_sd_folder, tin
     assert grid.size[1] == 2 * 128  # one row per model
     assert result["grid"] == out / "grid.png"
     logged = wandb_logged(out)
-    assert logged["eval/model/fid"] == [pytest.approx(model["fid"])]
-    assert "eval/model/prompt_fidelity" in logged and "eval/grid/filenames" in logged
+    assert logged[f"eval/{tiny_sd_folder.name}/fid"] == [pytest.approx(model["fid"])]
+    assert f"eval/{tiny_sd_folder.name}/prompt_fidelity" in logged and "eval/grid/filenames" in logged
     assert list(out.rglob("media/images/eval/grid_*.png")), "no grid image in the W&B run folder"
 
 
@@ -220,33 +235,44 @@ def test_eval_script_from_the_command_line(tiny_sd_folder, tmp_path):
     assert proc.returncode == 2 and "error:" in proc.stderr and "nope" in proc.stderr
 
 
-def test_results_notebook_runs_on_results_of_the_test_suite(tiny_sd_folder, tmp_path):
+def _run_results_notebook(results: Path, cwd: Path) -> str:
+    """notebooks/results.ipynb executed on the results under ``results``; its printed output."""
     import os
 
     import nbformat
     from nbclient import NotebookClient
 
+    nb = nbformat.read(ROOT / "notebooks" / "results.ipynb", as_version=4)
+    old = os.environ.get("DISTILLERY_RESULTS")
+    os.environ["DISTILLERY_RESULTS"] = str(results)  # the kernel inherits this process's environment
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    finally:
+        os.environ.pop("DISTILLERY_RESULTS") if old is None else os.environ.__setitem__("DISTILLERY_RESULTS", old)
+    return "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+                     for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_results_notebook_runs_on_results_of_the_test_suite(tiny_sd_folder, tmp_path):
     from distillery.eval.runner import run_eval
 
     for i, label in enumerate(("first", "second")):  # two evaluations of the same teacher and model
         run_eval(compose_eval([f"model={tiny_sd_folder}", f"compare_with={tiny_sd_folder}", f"label={label}", *QUICK,
                                "logger=none", "metrics.clip_score.model=null", "metrics.latency.batch_sizes=[1]",
                                "metrics.latency.pipeline=false"], tmp_path / "runs" / str(i)))
-    nb = nbformat.read(ROOT / "notebooks" / "results.ipynb", as_version=4)
-    plot = tmp_path / "plot.png"
-    env = {"DISTILLERY_RESULTS": str(tmp_path / "runs"), "DISTILLERY_PLOT": str(plot)}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits this process's environment
-    try:
-        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
-                     for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    (tmp_path / "notebook").mkdir()
+    text = _run_results_notebook(tmp_path / "runs", cwd=tmp_path / "notebook")
     assert "2 results.json" in text
     assert "first" in text and "second" in text and "reference" in text
+    plot = tmp_path / "runs" / "quality_vs_latency.png"  # beside the results, not where the notebook runs
     assert plot.is_file() and plot.stat().st_size > 1000
+    assert not any((tmp_path / "notebook").iterdir())
+
+
+def test_results_notebook_on_an_empty_results_folder_says_how_to_make_results(tmp_path):
+    text = _run_results_notebook(tmp_path, cwd=tmp_path)  # raises if a cell fails
+    assert "no results.json under" in text and "python src/train.py" in text and "python src/eval.py" in text
+    assert "nothing to plot yet" in text and not any(tmp_path.iterdir())
 
 
 def test_collect_summarises_runs_by_loss_with_mean_and_spread(tmp_path, capsys):
@@ -291,11 +317,50 @@ def test_collect_keeps_a_students_step_counts_apart(tmp_path, capsys):
     assert "| lcm, 4 steps | 2 | 25.000 ± 1.414 |" in lines and "| lcm, 1 step | 2 | 22.000 ± 1.414 |" in lines
 
 
-def test_eval_of_an_sdxl_pipeline(tiny_sdxl_folder, tmp_path):
+def test_collect_groups_by_model_identity(tmp_path, capsys):
+    from distillery.eval import collect
+
+    def write(run: str, teacher: str, student: str, fid: float) -> None:
+        doc = {"models": [{"label": "teacher", "role": "teacher", "source": teacher, "metrics": {"fid": 1.0}},
+                          {"label": "student", "role": "student", "arch": "bk_small", "source": student,
+                           "sampling": {"steps": 25}, "metrics": {"fid": fid}}]}
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "results.json").write_text(json.dumps(doc))
+
+    write("a", "/teachers/sd15", "/runs/a/student", 3.0)
+    write("a_again", "/teachers/sd15", "/runs/a/student", 3.0)  # the same student evaluated twice
+    write("b", "/teachers/sd21", "/runs/b/student", 5.0)  # against another teacher
+    collect.main([str(tmp_path), "--by", "arch", "--figures", "fid"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "| teacher (sd15) | 1 | 1.000 |" in lines and "| teacher (sd21) | 1 | 1.000 |" in lines
+    assert "| bk_small | 2 | 4.000 ± 1.414 |" in lines  # two students, not three runs
+
+
+def test_eval_of_an_sdxl_pipeline(tiny_sdxl_folder, tmp_path, caplog):
     from distillery.eval.runner import run_eval
 
     cfg = compose_eval([f"model={tiny_sdxl_folder}", *QUICK, "num_prompts=2", "logger=none", "scheduler=euler",
                         "metrics.latency.batch_sizes=[1]", "metrics.latency.pipeline=false"], tmp_path / "eval")
-    (model,) = run_eval(cfg)["models"]
+    with caplog.at_level("INFO", logger="distillery.eval.runner"):
+        (model,) = run_eval(cfg)["models"]
+    # The latency phase says what it times before it starts.
+    assert f"{tiny_sdxl_folder.name}: timing latency at batch 1 (U-Net: 1 warm-up + 2 timed calls)" in caplog.text
     assert model["role"] == "teacher" and model["metrics"]["unet_latency_s"] > 0
     assert 0 <= model["metrics"]["prompt_fidelity"] <= 1 and "fid" in model["metrics"]
+
+
+def test_a_tiny_random_reference_is_the_teacher_the_student_was_trained_against(tmp_path):
+    from conftest import FAST, compose_train
+    from distillery.eval.runner import run_eval
+    from distillery.export import export_student
+    from distillery.training import train
+
+    # A copy of the tiny-random teacher built with seed 7, barely trained: its images are the teacher's.
+    cfg = compose_train(["arch=copy", "arch.teacher=tiny-random", "loss=task_output", *FAST, "data.resolution=32",
+                         "trainer.max_steps=1", "optim.optimizer.lr=1e-12", "seed=7"], tmp_path / "run")
+    student = export_student(train(cfg)["checkpoint"], tmp_path / "student")
+    # The evaluation's own seed (1234) builds another teacher; the reference must be seed 7's.
+    (_, model) = run_eval(compose_eval([f"model={student}", "compare_with=tiny-random", *QUICK, "logger=none",
+                                        "metrics.clip_score.model=null", "metrics.fid.feature=null",
+                                        "metrics.latency.batch_sizes=[]"], tmp_path / "eval"))["models"]
+    assert model["metrics"]["vs_reference/psnr_db"] > 40

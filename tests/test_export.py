@@ -62,12 +62,14 @@ def test_student_and_ema_differ_and_teacher_parts_are_the_teachers(trained, tiny
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_end_of_run_export_and_samples(tiny_sd_folder, tmp_path):
+def test_end_of_run_export_and_samples(tiny_sd_folder, tmp_path, caplog):
     from PIL import Image
 
     cfg = compose_train(["arch=bk_small", f"arch.teacher={tiny_sd_folder}", *FAST, "trainer.max_steps=2",
                          "export_at_end=true", "scheduler=ddim", "scheduler.num_inference_steps=2"], tmp_path)
-    result = train(cfg)
+    with caplog.at_level("INFO", logger="distillery.training"):
+        result = train(cfg)
+    assert f"drawing samples.png: {len(cfg.eval.prompts)} prompts x 2 rows (teacher, student)" in caplog.text
     assert (result["export_dir"] / "model_index.json").is_file()
     grid = Image.open(result["samples"])
     n_prompts = len(cfg.eval.prompts)
@@ -119,3 +121,15 @@ def test_export_errors(trained, tmp_path):
     torch.save(ckpt, tmp_path / "no_ema.ckpt")
     with pytest.raises(ExportError, match="no EMA"):
         export_student(tmp_path / "no_ema.ckpt", tmp_path / "out", ema=True)
+
+
+def test_the_export_draws_at_the_training_resolution_by_default(tiny_sd_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    # Trained at 32 px: the tiny U-Net's own sample_size (16) x the VAE's factor 4 would be 64 px.
+    cfg = compose_train(["arch=bk_tiny", f"arch.teacher={tiny_sd_folder}", *FAST, "data.resolution=32",
+                         "trainer.max_steps=1"], tmp_path / "run")
+    out = export_student(train(cfg)["checkpoint"], tmp_path / "student")
+    assert json.loads((out / "unet" / "config.json").read_text())["sample_size"] == 8
+    image = StableDiffusionPipeline.from_pretrained(out)("a prompt", num_inference_steps=1).images[0]
+    assert image.size == (32, 32)

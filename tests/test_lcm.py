@@ -211,8 +211,8 @@ def test_eval_samples_an_lcm_export_at_several_step_counts(tiny_sd_folder, tmp_p
     doc = run_eval(cfg)
     got = {m["label"]: (m["sampling"]["sampler"], m["sampling"]["steps"], m["sampling"]["guidance_scale"])
            for m in doc["models"]}
-    assert got["model"] == ("LCMScheduler", 4, 4.0)
-    assert got["model_1steps"] == ("LCMScheduler", 1, 4.0) and got["model_2steps"] == ("LCMScheduler", 2, 4.0)
+    assert got["lcm"] == ("LCMScheduler", 4, 4.0)  # labelled by its method
+    assert got["lcm_1steps"] == ("LCMScheduler", 1, 4.0) and got["lcm_2steps"] == ("LCMScheduler", 2, 4.0)
     # The teacher at the student's 4 steps with DDIM and with LCMScheduler (no distillation).
     assert got["reference_4steps"][:2] == ("DDIMScheduler", 4)
     assert got["reference_4steps_lcm"][:2] == ("LCMScheduler", 4)

@@ -169,3 +169,32 @@ def test_prepare_data_names_a_missing_caption_column(tmp_path):
     assert result.returncode == 2
     assert "no caption column 'generated_caption'" in result.stderr
     assert "its columns: url, TEXT" in result.stderr
+
+
+def test_laion_art_as_published_prepares_then_trains(image_server, tiny_sd_folder, tmp_path):
+    """The README's flow on a table shaped like recastai/LAION-art-EN-improved-captions (its own
+    columns: no aesthetic score), then `train.py data=laion_art data.source.urls=<the shards>`."""
+    pytest.importorskip("img2dataset")
+    www, base, _ = image_server
+    for i in range(3):
+        Image.new("RGB", (640, 560), (40 * i, 90, 200)).save(www / f"{i}.png")
+    table = tmp_path / "urls.parquet"
+    pd.DataFrame([{"orig_caption": f"orig {i}", "generated_caption": f"a blue picture number {i}", "key": f"{i:09d}",
+                   "url": f"{base}/{i}.png", "index": i} for i in range(3)]).to_parquet(table)
+    out = tmp_path / "shards"
+    result = _run("data=laion_art", f"out={out}", f"prepare.table={table}", "prepare.threads=2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "aesthetic: column not in the table, NOT applied" in result.stdout
+    assert "extra columns not kept" not in result.stdout  # the score is not an extra column it dropped
+    assert len(_samples(out)) == 3
+    record = json.loads((out / "_prepare.json").read_text())  # what the fetch did, beside the shards
+    assert ["aesthetic: column not in the table, NOT applied (allow_missing_columns)", 3] in record["filters"]
+    assert record["source"] == str(table)
+
+    from conftest import FAST, compose_train
+    from distillery.training import train
+
+    cfg = compose_train(["arch=bk_small", f"arch.teacher={tiny_sd_folder}", "data=laion_art",
+                         f"data.source.urls={out}/*.tar", *FAST, "data.num_workers=0", "trainer.max_steps=2"],
+                        tmp_path / "run")
+    assert train(cfg)["global_step"] == 2

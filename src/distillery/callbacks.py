@@ -29,12 +29,22 @@ class StepProgressBar(TQDMProgressBar):
         super().__init__(**kwargs)
         self.description = description
 
-    @property
-    def train_description(self) -> str:  # the label Lightning gives the bar when it creates it
-        return self.description
+    def init_train_tqdm(self):
+        # Created with its total and, resumed, its first step: a bar drawn first as "0/?" and
+        # then reset leaves a stray line in a log.
+        import sys
+
+        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+        return Tqdm(desc=self.description, position=2 * self.process_position, disable=self.is_disabled, leave=True,
+                    dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT,
+                    total=self.trainer.max_steps, initial=self.trainer.global_step)
 
     def _count_steps(self, trainer: L.Trainer) -> None:
         bar = self.train_progress_bar
+        if bar.disable or (bar.total, bar.n) == (trainer.max_steps, trainer.global_step) \
+                and bar.desc.startswith(self.description):
+            return  # another rank's (disabled) bar, or one already counting
         bar.reset(total=trainer.max_steps)
         bar.initial = trainer.global_step  # a resumed run starts where it stopped
         bar.n = trainer.global_step
@@ -56,6 +66,25 @@ class StepProgressBar(TQDMProgressBar):
             # the device, and the step count alone does not.
             if trainer._logger_connector.should_update_logs or trainer.global_step >= trainer.max_steps:
                 bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+class LogLastStep(Callback):
+    """Lightning sends the step's scalars to the loggers every ``log_every_n_steps``: a run that
+    ends between two of those (or is shorter than one) would keep no record of its last step's
+    figures. This sends them at the end of training, at that step."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every = max(1, int(every_n_steps))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if not step or step % self.every == 0 or not trainer.loggers:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
+        if metrics:
+            for lg in trainer.loggers:  # the step Lightning's own rows carry for this optimizer step
+                lg.log_metrics(metrics, step=step - 1)
 
 
 class Throughput(Callback):

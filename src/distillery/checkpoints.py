@@ -118,20 +118,52 @@ def read_checkpoint(path: str | Path, mmap: bool = False, weights: bool = True) 
     return ckpt
 
 
+def _how_to_resume(path: str | Path) -> str:
+    """The fix a refused resume names: the overrides of the run that wrote the checkpoint."""
+    overrides = Path(path).resolve().parent.parent / ".hydra" / "overrides.yaml"
+    where = f" (they are in {overrides})" if overrides.is_file() else ""
+    return f"resume it with that run's overrides{where}, or train this one into a new folder"
+
+
+def _written_by(info: dict) -> str:
+    arch = f"arch={info['arch']}, " if info.get("arch") else ""
+    return f"{arch}method={info.get('method') or 'arch_kd'}"
+
+
 def check_same_run(path: str | Path, ckpt: dict, export_info: dict) -> None:
     """Refuse to resume from a checkpoint of another student: the weights would not fit."""
     saved = ckpt.get("distillery") or {}
     problems = []
-    for key in ("method", "arch"):
-        if key in saved and key in export_info and saved[key] != export_info[key]:
-            problems.append(f"{key}={saved[key]} (this run: {key}={export_info[key]})")
+    if saved and export_info:  # the arch KD runs write no method name
+        mine, theirs = saved.get("method") or "arch_kd", export_info.get("method") or "arch_kd"
+        if mine != theirs:
+            problems.append(f"method={mine} (this run: method={theirs})")
+    if "arch" in saved and "arch" in export_info and saved["arch"] != export_info["arch"]:
+        problems.append(f"arch={saved['arch']} (this run: arch={export_info['arch']})")
     for key in ("student_config", "components"):
         if not problems and key in saved and key in export_info and \
                 _plain(saved[key]) != _plain(export_info[key]):
             problems.append(f"another student architecture ({key} differs)")
     if problems:
         raise CheckpointError(f"checkpoint {str(path)!r} was written by a run of " + "; ".join(problems)
-                              + ": resume it with that run's overrides, or train this one into a new folder")
+                              + ": " + _how_to_resume(path))
+
+
+def resume_mismatch(path: str | Path, saved_state: dict, model_state: dict, saved_info: dict,
+                    run_info: dict) -> CheckpointError:
+    """The one-line error for a checkpoint whose weights do not load into this run's model
+    (what torch reports as a long list of missing keys and size mismatches)."""
+    missing = [k for k in model_state if k not in saved_state]
+    unexpected = [k for k in saved_state if k not in model_state]
+    reshaped = [k for k in model_state if k in saved_state
+                and tuple(getattr(saved_state[k], "shape", ())) != tuple(getattr(model_state[k], "shape", ()))]
+    parts = [f"{len(v)} {what} (e.g. {v[0]})" for v, what in
+             ((missing, "weights this run has and it lacks"), (unexpected, "weights it has and this run lacks"),
+              (reshaped, "weights of another shape")) if v]
+    this = _written_by(run_info)
+    return CheckpointError(f"checkpoint {str(path)!r} (written by {_written_by(saved_info)}) does not fit this "
+                           f"run's model ({this}): {'; '.join(parts) or 'its weights do not load'}; "
+                           + _how_to_resume(path))
 
 
 def _plain(value: Any) -> Any:

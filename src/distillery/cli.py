@@ -38,9 +38,19 @@ def tidy_logging() -> None:
             return "litlogger" not in record.getMessage()
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+
+    class _NoTorchvisionFallback(logging.Filter):
+        # transformers without torchvision falls back to its PIL image processors (which the
+        # pipelines' safety-checker slot is all that asks for) and says so on every command.
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "requires torchvision (not installed)" not in record.getMessage()
+
+    logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionFallback())
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")  # Lightning vs torch 2.13
+    # A method with manual optimisation (DMD2) checkpoints the state after its updates, as meant.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
 
 
 def require(cfg: Any, usage: str) -> None:
@@ -59,11 +69,64 @@ def run_or_explain(fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        _remove_empty_run_folder()
         sys.exit(2)
 
 
-def report(result: dict[str, Any]) -> None:
+def _remove_empty_run_folder() -> None:
+    """A run stopped by a configuration mistake leaves no folder holding only Hydra's record of
+    it (and its log): nothing of the run is in it. A folder with anything else stays."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    try:  # a config composed in a test or a notebook has no job folder
+        hc = HydraConfig.get()
+        folder, subdir, log_file = Path(hc.runtime.output_dir), hc.output_subdir, f"{hc.job.name}.log"
+    except Exception:
+        return
+    if not folder.is_dir() or subdir != ".hydra":  # a resume's folder is the run's: kept
+        return
+    if all(p.name in (".hydra", log_file) for p in folder.iterdir()):
+        _release_log(folder / log_file)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _release_log(path: Path) -> None:
+    """Close the log handlers writing to ``path`` (Hydra's job log) before it is removed."""
+    import logging
+
+    for logger in [logging.getLogger(), *[logging.getLogger(n) for n in logging.root.manager.loggerDict]]:
+        for handler in list(getattr(logger, "handlers", [])):
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path.resolve():
+                logger.removeHandler(handler)
+                handler.close()
+
+
+def console():
+    """A Rich console for our tables. Printing to a file or a pipe (a log, a SLURM .out), Rich
+    assumes 80 columns and cuts paths, labels and layer names with "…": give it room instead."""
+    import os
+
     from rich.console import Console
+
+    out = Console()
+    if not out.is_terminal and not os.environ.get("COLUMNS"):
+        out = Console(width=240)
+    return out
+
+
+def format_macs(value: float) -> str:
+    """Multiply-accumulates to three figures in the unit that shows them: 159M, 1.34G, 339G."""
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.0f}"
+
+
+def report(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="distillery run", show_header=False)
@@ -95,9 +158,10 @@ def report(result: dict[str, Any]) -> None:
         if key.startswith("data/"):
             continue
         table.add_row(key, f"{value:.4g}")
-    Console().print(table)
+    out = console()
+    out.print(table)
     if result.get("evaluation"):
-        Console().print(figures_table(result["evaluation"], "teacher vs student"))
+        out.print(figures_table(result["evaluation"], "teacher vs student"))
 
 
 # The figures of an evaluation, in the order a reader compares models.
@@ -109,7 +173,7 @@ EVAL_COLUMNS = (("fid", "FID", "{:.2f}"), ("kid", "KID", "{:.4f}"), ("clip_score
 
 def _format(value: Any, fmt: str | None) -> str:
     if fmt is None:
-        return f"{value / 1e9:.2f}G" if value >= 1e8 else f"{value / 1e6:.1f}M"
+        return format_macs(value)
     return fmt.format(value)
 
 
@@ -124,19 +188,38 @@ def _comparison_name(key: str) -> str:
 
 def figures_table(models: list[dict], title: str):
     """One column per model, one row per figure any of them has (comparisons included): narrow
-    enough for a terminal whatever the number of figures."""
+    enough for a terminal whatever the number of figures. FID/KID from fewer images than their
+    features' dimensions are starred, with a note under the table."""
     from rich.table import Table
 
     extra = sorted({k for m in models for k in m["metrics"] if k.startswith("vs_")})
     rows = [c for c in EVAL_COLUMNS if any(c[0] in m["metrics"] for m in models)]
     rows += [(k, _comparison_name(k), "{:.3f}") for k in extra]
+    few = [m for m in models if m["metrics"].get("fid_few_images")]
+    caption = None
+    if few:
+        m = few[0]["metrics"]
+        caption = (f"* from {min(m['fid_reference_images'], m['fid_generated_images'])} images, fewer than the "
+                   f"{m['fid_feature_dim']} feature dimensions: not a meaningful FID/KID")
     table = Table(title=title)
     table.add_column("figure", no_wrap=True)
     for m in models:
         table.add_column(f"{m['label']} ({m['role']})", justify="right", no_wrap=True)
+
+    def cell(m: dict, key: str, fmt: str | None) -> str:
+        if key not in m["metrics"]:
+            return "-"
+        mark = "*" if key in ("fid", "kid") and m["metrics"].get("fid_few_images") else ""
+        return _format(m["metrics"][key], fmt) + mark
+
     for key, header, fmt in rows:
-        table.add_row(header, *[_format(m["metrics"][key], fmt) if key in m["metrics"] else "-" for m in models])
-    return table
+        table.add_row(header, *[cell(m, key, fmt) for m in models])
+    if caption is None:
+        return table
+    from rich.console import Group
+    from rich.text import Text
+
+    return Group(table, Text(caption))  # under the table, unwrapped by its width
 
 
 def _shown(path: Any) -> str:
@@ -145,8 +228,6 @@ def _shown(path: Any) -> str:
 
 
 def report_eval(result: dict[str, Any]) -> None:
-    from rich.console import Console
-
-    console = Console()
-    console.print(figures_table(result["models"], "evaluation"))
-    console.print(f"results: {_shown(result['results'])}\ngrid:    {_shown(result['grid'])}")
+    out = console()
+    out.print(figures_table(result["models"], "evaluation"))
+    out.print(f"results: {_shown(result['results'])}\ngrid:    {_shown(result['grid'])}")

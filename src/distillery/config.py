@@ -334,6 +334,13 @@ def validate(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "method.runner") is None:  # distillation: a teacher, a student rule, a KD loss
         _check_arch(cfg.arch, problems)
         _check_loss(cfg.loss, problems)
+        feature = OmegaConf.select(cfg, "loss.feature", default=0)
+        if OmegaConf.select(cfg, "method._target_") == "distillery.methods.arch_kd.ArchKD" \
+                and isinstance(feature, (int, float)) and feature > 0 \
+                and OmegaConf.select(cfg, "arch.features.pairs") == [] and not problems:
+            problems.append(f"loss.feature={feature} but arch={cfg.arch.name} pairs no features (arch.features.pairs "
+                            "is empty): take a loss without feature KD (loss=task_output, loss=output_only, "
+                            "loss=task_only) or loss.feature=0")
         if OmegaConf.select(cfg, "method.rounds") is not None:
             _check_step_method(cfg, problems)
         if OmegaConf.select(cfg, "method.stages") is not None:

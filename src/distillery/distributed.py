@@ -90,6 +90,13 @@ def global_batch_size(cfg: DictConfig, devices: int) -> int:
         int(t.get("accumulate_grad_batches", 1) or 1)
 
 
+def _config_subdir() -> str:
+    """Where Hydra wrote this job's config.yaml inside its folder (.hydra, or a resume's own)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return (HydraConfig.get().output_subdir if HydraConfig.initialized() else None) or ".hydra"
+
+
 def record_global_batch(cfg: DictConfig, devices: int, is_rank_zero: bool = True) -> int:
     """Say the global batch at the start of a run and store it in the run's config (the W&B
     config, and ``global_batch_size`` in the run folder's ``.hydra/config.yaml``)."""
@@ -102,7 +109,7 @@ def record_global_batch(cfg: DictConfig, devices: int, is_rank_zero: bool = True
     log.info("global batch %d = data.batch_size %d x %d devices x %d nodes x %d accumulated micro-batches",
              total, int(cfg.data.batch_size), int(devices), int(t.get("num_nodes", 1) or 1),
              int(t.get("accumulate_grad_batches", 1) or 1))
-    saved = Path(cfg.paths.output_dir) / ".hydra" / "config.yaml"
+    saved = Path(cfg.paths.output_dir) / _config_subdir() / "config.yaml"
     if saved.is_file():
         stored = OmegaConf.load(saved)
         stored.global_batch_size = total

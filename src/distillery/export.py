@@ -171,10 +171,15 @@ def write_export(unet, info: dict, out_dir: str | Path, teacher: Teacher, step: 
     placement = [(next(m.parameters()).device, next(m.parameters()).dtype) for m in frozen]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    own_size = unet.config.get("sample_size")
     try:
         for module in frozen:
             place(module, "cpu", torch.float32)
         pipe = make_pipeline(teacher, unet, scheduler)
+        # Plain diffusers draws sample_size x the VAE's factor by default: the training resolution.
+        trained_size = int(info.get("resolution") or 0) // pipe.vae_scale_factor
+        if trained_size and own_size != trained_size:
+            unet.register_to_config(sample_size=trained_size)
         pipe.save_pretrained(out, safe_serialization=True)
         complete_pipeline_tokenizers(pipe, out)  # loadable with transformers 4 as well as 5
         if lora_state is not None:
@@ -184,6 +189,8 @@ def write_export(unet, info: dict, out_dir: str | Path, teacher: Teacher, step: 
     finally:
         for module, (device, dtype) in zip(frozen, placement):
             place(module, device, dtype)
+        if unet.config.get("sample_size") != own_size:  # the live model as it was
+            unet.register_to_config(sample_size=own_size)
     params = sum(p.numel() for p in unet.parameters())
     card = model_card(info, step, ema, params, type(pipe).__name__, checkpoint)
     (out / "README.md").write_text(card)

@@ -13,8 +13,10 @@ def build_sampler(scheduler_cfg: Any, base_scheduler) -> tuple[Any, int]:
     config (so betas and prediction type match) and a step count."""
     from hydra.utils import get_class
 
+    from distillery.schedule import scheduler_from_config
+
     cls = get_class(scheduler_cfg["_target_"])
-    return cls.from_config(base_scheduler.config), int(scheduler_cfg.get("num_inference_steps", 25))
+    return scheduler_from_config(cls, base_scheduler.config), int(scheduler_cfg.get("num_inference_steps", 25))
 
 
 def make_pipeline(teacher, unet, scheduler=None):

@@ -143,6 +143,16 @@ def ddim_grid(scheduler, steps: int) -> tuple[Tensor, Tensor]:
 STEP_SCHEDULERS = ("DDIMScheduler", "LCMScheduler")
 
 
+
+def scheduler_from_config(cls, config, **overrides):
+    """``cls.from_config`` with only the settings ``cls`` takes: another scheduler's config (a
+    DDPM one's ``variance_type`` for LCMScheduler) would make diffusers warn at every build."""
+    import inspect
+
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    return cls.from_config({k: v for k, v in dict(config).items() if k in accepted}, **overrides)
+
+
 def step_scheduler(teacher, sampling: dict | None = None):
     """The scheduler a step-distilled student samples with (``sampling["scheduler"]``, its
     export's), with the teacher's betas and prediction type. DDIM (the default): ``trailing``
@@ -157,10 +167,11 @@ def step_scheduler(teacher, sampling: dict | None = None):
     base = dict(teacher.sampling_scheduler.config)
     base.update({k: v for k, v in teacher.noise_scheduler.config.items() if not k.startswith("_")})
     if name == "LCMScheduler":
-        return LCMScheduler.from_config(base, original_inference_steps=int(sampling.get("original_inference_steps", 50)),
-                                        timestep_scaling=float(sampling.get("timestep_scaling", 10.0)),
-                                        clip_sample=False, thresholding=False, timestep_spacing="leading")
+        return scheduler_from_config(LCMScheduler, base,
+                                     original_inference_steps=int(sampling.get("original_inference_steps", 50)),
+                                     timestep_scaling=float(sampling.get("timestep_scaling", 10.0)),
+                                     clip_sample=False, thresholding=False, timestep_spacing="leading")
     if name != "DDIMScheduler":
         raise ValueError(f"sampling scheduler {name!r} is not one of {', '.join(STEP_SCHEDULERS)}")
-    return DDIMScheduler.from_config(base, timestep_spacing="trailing", steps_offset=1, clip_sample=False,
-                                     thresholding=False)
+    return scheduler_from_config(DDIMScheduler, base, timestep_spacing="trailing", steps_offset=1, clip_sample=False,
+                                 thresholding=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -153,8 +154,6 @@ def step_method_problems(cfg: DictConfig, teacher_config: dict | None) -> list[E
     """What step distillation can tell from configs alone: a student folder whose U-Net cannot
     take the guidance embedding (guided), and a teacher that has no unconditional branch to
     guide with (a warning: its guided output is then extrapolated from an untrained input)."""
-    import json
-
     from distillery.methods.guided import GuidanceEmbeddingError
 
     m, problems = cfg.method, []
@@ -393,6 +392,14 @@ def _check_resume(ckpt_path: str | None, model) -> int | None:
     return int(ckpt.get("global_step", 0))
 
 
+def _resume_mismatch(ckpt_path: str, model) -> Exception:
+    from distillery.checkpoints import read_checkpoint, resume_mismatch
+
+    ckpt = read_checkpoint(ckpt_path, mmap=True)
+    return resume_mismatch(ckpt_path, ckpt["state_dict"], model.state_dict(), ckpt.get("distillery") or {},
+                           getattr(model, "export_info", {}))
+
+
 def describe_step(cfg: DictConfig) -> str:
     """The training step of a config, in its own overrides' words (for messages)."""
     return (f"the training step of arch={cfg.arch.name} (teacher {cfg.arch.teacher}) at data.resolution="
@@ -426,14 +433,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model, datamodule = parts["model"], parts["datamodule"]
     resume_step = _check_resume(ckpt_path, model)
 
-    from distillery.callbacks import StopOnSignal, TeacherStudentSamples, TrackerRunId, wandb_run_id
+    from distillery.callbacks import LogLastStep, StopOnSignal, TeacherStudentSamples, TrackerRunId, wandb_run_id
 
     loggers = make_loggers(cfg.get("logger"), resume_run_id=wandb_run_id(ckpt_path), resume_step=resume_step)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     if not loggers:  # logger=none: there is nowhere to send the learning rate
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     stop = StopOnSignal(_checkpoint_dir(cfg), requeue=bool(cfg.get("slurm_requeue", True)))
-    callbacks += [TrackerRunId(), stop, *step_callbacks(cfg)]
+    callbacks += [TrackerRunId(), stop, *step_callbacks(cfg), LogLastStep(cfg.trainer.get("log_every_n_steps", 50))]
     if cfg.eval.get("every_n_steps") or cfg.eval.get("metrics_every_n_steps"):
         callbacks.append(TeacherStudentSamples(cfg, run_dir))
     from distillery.checkpoints import SafeCheckpointIO
@@ -457,6 +464,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 from distillery.perf import memory_error
 
                 raise memory_error(err, model.device, describe_step(cfg)) from None
+            except RuntimeError as err:
+                if ckpt_path and "loading state_dict" in str(err):  # resumed with other overrides
+                    raise _resume_mismatch(ckpt_path, model) from None
+                raise
 
             # Checkpoints are written every N steps; make sure the final step is on disk too.
             ckpt_dir = _checkpoint_dir(cfg)
@@ -523,11 +534,13 @@ def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: lis
     place(student, device, dtype)
     sampling = model.export_info.get("sampling")
     g, batch = cfg.eval.guidance_scale, int(cfg.eval.get("batch_size") or 8)
+    n = int(sampling["num_inference_steps"]) if sampling else steps
+    names = ["teacher", f"teacher {n} st.", f"student {n} st."] if sampling else ["teacher", "student"]
+    log.info("drawing samples.png: %d prompts x %d rows (%s)", len(prompts), len(names), ", ".join(names))
     t0 = time.perf_counter()
     rows = {"teacher": generate(make_pipeline(teacher, teacher.unet, sampler), prompts, cfg.eval.seed, steps, g, res,
                                 batch_size=batch)}
     if sampling:
-        n = int(sampling["num_inference_steps"])
         rows[f"teacher {n} st."] = generate(make_pipeline(teacher, teacher.unet, step_scheduler(teacher)), prompts,
                                            cfg.eval.seed, n, g, res, batch_size=batch)
         rows[f"student {n} st."] = generate(make_pipeline(teacher, student, step_scheduler(teacher, sampling)), prompts,
@@ -544,6 +557,8 @@ def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: lis
         if hasattr(lg, "log_image"):
             lg.log_image("samples/teacher_vs_student", [image], caption=[" | ".join(prompts)])
     out["samples"] = grid_path
+    if not cfg.eval.get("at_end"):
+        _set_aside_stale_eval(run_dir, json.loads((export_dir / "distillery.json").read_text()).get("step"))
     if cfg.eval.get("at_end"):
         t0 = time.perf_counter()
         out.update(evaluate_at_end(cfg, teacher, student, export_dir, run_dir / "eval", loggers))
@@ -552,6 +567,29 @@ def finish(cfg: DictConfig, parts: dict, ckpt: Path, run_dir: Path, loggers: lis
         lg.log_metrics(seconds)
     out["seconds_after_training"] = {k.removeprefix("perf/"): round(v, 2) for k, v in seconds.items()}
     return out
+
+
+def _set_aside_stale_eval(run_dir: Path, step: int | None) -> None:
+    """A resumed run that exports without evaluating leaves no evaluation of an older student
+    beside its new student/ and samples.png: <run>/eval/ moves to <run>/eval_step<N>/."""
+    results = run_dir / "eval" / "results.json"
+    if not results.is_file():
+        return
+    try:
+        steps = {m.get("step") for m in json.loads(results.read_text()).get("models", []) if m.get("role") == "student"}
+    except (OSError, ValueError):
+        steps = set()
+    old = next((s for s in steps if s is not None), None)
+    if step is not None and old == step:
+        return
+    dest = run_dir / f"eval_step{old if old is not None else 'unknown'}"
+    n = 1
+    while dest.exists():
+        dest, n = run_dir / f"eval_step{old}_{n}", n + 1
+    (run_dir / "eval").rename(dest)
+    log.warning("%s evaluated the student of step %s, not this one (step %s): moved to %s; "
+                "python src/eval.py model=%s compare_with=<the teacher> evaluates the new one",
+                run_dir / "eval", old, step, dest, run_dir / "student")
 
 
 def export_rounds(model, teacher, final_dir: Path, ema: bool) -> list[Path]:
@@ -579,7 +617,6 @@ def evaluate_at_end(cfg: DictConfig, teacher, student, export_dir: Path, out_dir
     same seeds, the student also compared image by image with the teacher. The teacher's images
     come from ``eval.teacher_cache`` when another run (a job of the same sweep) drew them."""
     import dataclasses
-    import json
 
     from distillery.eval.metrics import FeatureDistance
     from distillery.eval.runner import (

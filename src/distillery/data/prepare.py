@@ -209,8 +209,8 @@ def prepare_recipe(data: Mapping, out: str | Path, *, max_samples: int | None = 
     # find their values in each sample's json.
     extras, skipped = [], []
     for c in dict.fromkeys([*(fetch.get("extra_columns") or []), *filters]):
-        if c in (url_col, caption_col):
-            continue
+        if c in (url_col, caption_col) or (c in filters and c not in df.columns):
+            continue  # a filter column the table lacks: reported above as not applied
         (skipped if c in IMG2DATASET_KEYS or c not in df.columns else extras).append(c)
     df = df[[url_col, caption_col, *extras]].reset_index(drop=True).copy()
     df[caption_col] = df[caption_col].astype(str)
@@ -238,8 +238,13 @@ def prepare_recipe(data: Mapping, out: str | Path, *, max_samples: int | None = 
         timeout=10, retries=0, enable_wandb=False, incremental_mode="incremental",
     )
     shards = sorted(p.name for p in out.glob("[0-9]*.tar"))
-    return {"out": str(out), "table": str(table_path), "filters": report, "extras": extras,
-            "skipped_extras": skipped, "shards": shards, **_stats(out)}
+    summary = {"out": str(out), "table": str(table_path), "filters": report, "extras": extras,
+               "skipped_extras": skipped, "shards": shards, **_stats(out)}
+    # Beside the shards: which filters the fetch applied and which it could not (their column
+    # absent from the table), with the rows left after each step.
+    (out / "_prepare.json").write_text(json.dumps({**summary, "source": str(source) if source else fetch.get("dataset")}, indent=2,
+                                                  default=str))
+    return summary
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

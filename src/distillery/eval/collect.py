@@ -30,16 +30,21 @@ def find_results(roots: Iterable[str | Path]) -> list[Path]:
 def load_rows(roots: Iterable[str | Path]) -> list[dict]:
     """One row per evaluated model per results.json: its identity, its run folder and every
     scalar figure (comparisons with a reference model included, e.g. vs_teacher/psnr_db).
-    A teacher evaluated in several runs under the same label appears once (its first evaluation)."""
-    rows, teachers = [], set()
+    A model evaluated in several runs appears once (its first evaluation): a teacher by source
+    and label, a student by source and sampling (steps, guidance)."""
+    rows, seen = [], set()
     for path in find_results(roots):
         doc = json.loads(path.read_text())
         for model in doc.get("models", []):
+            sampling = model.get("sampling") or {}
             if model.get("role") == "teacher":
-                key = (model.get("source"), model.get("label"))
-                if key in teachers:
-                    continue
-                teachers.add(key)
+                key = ("teacher", model.get("source"), model.get("label"))
+            else:
+                key = ("student", model.get("source"), sampling.get("steps"), sampling.get("guidance_scale"),
+                       json.dumps(sampling.get("timesteps")))
+            if key in seen:
+                continue
+            seen.add(key)
             row = {"label": model.get("label"), "role": model.get("role"), "arch": model.get("arch", ""),
                    "method": model.get("method", ""), "loss": loss_name(model.get("loss")), "run": str(path.parent),
                    "source": model.get("source")}
@@ -74,8 +79,19 @@ def summary_table(rows: list[dict], by: str = "loss", figures: tuple[str, ...] =
     figure as mean ± standard deviation over the runs that share it (e.g. seeds)."""
     import statistics
 
-    def value(r: dict) -> str:  # teachers by label: "teacher", and "teacher_4steps" beside a 4-step student
-        return r["label"] if r["role"] == "teacher" else (r.get(by) or r["label"])
+    # Teachers by label ("teacher", "teacher_4steps" beside a 4-step student), and by source
+    # where runs against different teachers are collected together.
+    teacher_sources: dict[str, set] = {}
+    for r in rows:
+        if r["role"] == "teacher":
+            teacher_sources.setdefault(r["label"], set()).add(r.get("source"))
+
+    def value(r: dict) -> str:
+        if r["role"] != "teacher":
+            return r.get(by) or r["label"]
+        if len(teacher_sources[r["label"]]) > 1:
+            return f"{r['label']} ({Path(str(r.get('source'))).name})"
+        return r["label"]
 
     # Students of one value sampled at several step counts (eval.distilled_steps) stay apart.
     step_counts: dict[str, set] = {}

@@ -145,8 +145,11 @@ class FeatureDistance:
             metric.update(real, real=True)
             metric.update(fake, real=False)
         kid_mean, kid_std = kid.compute()
+        # Fewer images than feature dimensions: a rank-deficient covariance, a figure that says
+        # little (and a KID that can be negative). Kept, and marked as such.
         return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
-                "fid_reference_images": n_real, "fid_generated_images": n_fake}
+                "fid_reference_images": n_real, "fid_generated_images": n_fake, "fid_feature_dim": dim,
+                "fid_few_images": bool(min(n_real, n_fake) < dim)}
 
 
 class _PooledCLIP(nn.Module):

@@ -143,6 +143,28 @@ def load_model(spec: str, label: str = "model", ema: bool = False, seed: int = 0
     return EvalModel(label, "student" if info.get("arch") else "teacher", source, parts, info)
 
 
+def default_label(model: EvalModel, spec: str) -> str:
+    """A row's name when ``label=`` is not given: a student's method or arch, else the folder's
+    name or the hub id's last part (a training checkpoint: its run folder's name)."""
+    info = model.info
+    if info.get("method") or info.get("arch"):
+        return str(info.get("method") or info.get("arch"))
+    path = Path(str(spec)).expanduser()
+    if path.suffix == ".ckpt":
+        return path.resolve().parent.parent.name or path.stem
+    return (path.resolve().name if path.exists() else str(spec).rstrip("/").split("/")[-1]) or "model"
+
+
+def teacher_seed(spec: str, models: list[EvalModel], default: int) -> int:
+    """The seed to build a generated teacher (tiny-random) with: the one a student being
+    evaluated was trained against (its export records it), else ``default``. The seed is part of
+    such a teacher's identity: another seed is another teacher."""
+    for m in models:
+        if m.info.get("teacher") == str(spec) and m.info.get("teacher_seed") is not None:
+            return int(m.info["teacher_seed"])
+    return default
+
+
 def to_device(model: EvalModel, device: torch.device, dtype: torch.dtype) -> None:
     for name, module in model.parts.frozen_modules.items():
         module.requires_grad_(False).eval()
@@ -361,6 +383,9 @@ def evaluate_models(models: Sequence[EvalModel], prompts: Sequence[str], setting
         sc.seconds["metrics"] += t1 - t0
         latency: dict[str, list] = {}
         if s.latency_batch_sizes:
+            log.info("%s: timing latency at batch %s (U-Net: %d warm-up + %d timed calls%s)", m.label,
+                     ", ".join(map(str, s.latency_batch_sizes)), s.latency_warmup, s.latency_repeats,
+                     "; then whole pipeline calls" if s.pipeline_latency else "")
             rows_unet = unet_latency(m.unet, latent, s.latency_batch_sizes, s.latency_warmup, s.latency_repeats)
             latency["unet"] = rows_unet
             figures["unet_latency_s"] = rows_unet[0]["per_image_s"]
@@ -481,8 +506,11 @@ def settings_from_config(cfg, data, scheduler) -> EvalSettings:
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key == "grid_images" else 1):
             problems.append(f"{key}={v!r} must be a positive integer")
     sizes = plain(m.latency.batch_sizes) or []
-    if not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):
-        problems.append(f"metrics.latency.batch_sizes={sizes!r} must be a list of positive integers")
+    if sizes == "auto":  # batch 4 shows a GPU's parallelism; on CPU it only takes minutes
+        on_gpu = torch.cuda.is_available() and str(cfg.get("device") or "auto") != "cpu"
+        sizes = [1, 4] if on_gpu else [1]
+    if not isinstance(sizes, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in sizes):
+        problems.append(f"metrics.latency.batch_sizes={sizes!r} must be a list of positive integers or auto")
     cache = cfg.get("teacher_cache")
     if cache is not None and cache is not False and not (isinstance(cache, str) and cache):
         problems.append(f"teacher_cache={cache!r} must be a folder, or null/false to generate the teacher's images every time")
@@ -550,10 +578,12 @@ def run_eval(cfg) -> dict:
 
     s = settings_from_config(cfg, cfg.data, cfg.scheduler)
     device, dtype = device_and_dtype(cfg.device, cfg.dtype)
-    models = [load_model(cfg.model, label=cfg.get("label") or "model", ema=bool(cfg.ema), seed=int(cfg.seed))]
+    models = [load_model(cfg.model, ema=bool(cfg.ema), seed=int(cfg.seed))]
+    models[0].label = str(cfg.get("label") or default_label(models[0], cfg.model))
     if cfg.get("compare_with"):
         # The reference model goes first: the evaluated model is compared image by image with it.
-        reference = load_model(cfg.compare_with, label="reference", seed=int(cfg.seed))
+        reference = load_model(cfg.compare_with, label="reference",
+                               seed=teacher_seed(cfg.compare_with, models, int(cfg.seed)))
         models.insert(0, reference)
         if models[-1].sampling and not reference.sampling:
             # A step-distilled student: the reference at its full steps and at the student's.
@@ -566,7 +596,7 @@ def run_eval(cfg) -> dict:
                             "step count); give an export of method=progressive, guided or lcm, or distilled_steps=[]")
         models.extend(at_more_steps(student, steps))
     for i, spec in enumerate(cfg.get("extra_models") or []):  # more students, same prompts and seeds
-        extra = load_model(spec, label=f"model{i + 2}", seed=int(cfg.seed))
+        extra = load_model(spec, label=f"model{i + 2}", seed=teacher_seed(spec, models, int(cfg.seed)))
         extra.label = str(extra.info.get("method") or extra.info.get("arch") or extra.label)
         if any(m.label == extra.label for m in models):
             extra.label = f"{extra.label}{i + 2}"

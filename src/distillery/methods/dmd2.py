@@ -338,8 +338,10 @@ class DistributionMatchingDistillation(Distiller):
         trained step count; ``timesteps`` only where set_timesteps(n) does not give the list."""
         from diffusers import LCMScheduler
 
+        from distillery.schedule import scheduler_from_config
+
         T = self.schedule.num_train_timesteps
-        sch = LCMScheduler.from_config(self.teacher.noise_scheduler.config, original_inference_steps=T)
+        sch = scheduler_from_config(LCMScheduler, self.teacher.noise_scheduler.config, original_inference_steps=T)
         sch.set_timesteps(len(self.timesteps), original_inference_steps=T)
         out = {"num_inference_steps": len(self.timesteps), "scheduler": "LCMScheduler", "original_inference_steps": T,
                "timestep_scaling": self.timestep_scaling, "guidance_scale": 0.0,
