@@ -313,5 +313,9 @@ def test_demo_step_recipes_are_the_ones_the_readme_measures(train_cfg):
     lcm = train_cfg("experiment=demo_lcm")
     assert lcm.trainer.max_steps == 1000 and lcm.optim.lr_scheduler.name == "cosine"
     assert lcm.method.num_ddim_timesteps == 50 and lcm.method.sample_steps == 4
+    dmd2 = train_cfg("experiment=demo_dmd2")
+    assert dmd2.trainer.max_steps == 2000 and dmd2.method.ema_decay == 0.99 and list(dmd2.method.timesteps) == [999]
+    assert (dmd2.method.real_guidance_scale, dmd2.method.generator_lr, dmd2.method.fake_lr) == (5.0, 1e-4, 1e-4)
+    assert dmd2.arch.name == "copy" and dmd2.scheduler.num_inference_steps == 25
     # The progressive demo keeps its constant rate.
     assert train_cfg("experiment=demo_progressive").optim.lr_scheduler.name == "constant"
