@@ -70,6 +70,20 @@ FAST = ["data.batch_size=2", "data.resolution=64", "logger=csv", "trainer.log_ev
         "export_at_end=false", "eval.at_end=false", "trainer.accelerator=cpu"]
 
 
+def evaluate_export(export_dir: Path, teacher: Path, out: Path, distilled_steps: list[int]) -> dict:
+    """src/eval.py on a step-distilled export beside its teacher, at a few prompts and one
+    latency call: what the step methods' evaluation tests share."""
+    from distillery.config import compose_config
+    from distillery.eval.runner import run_eval
+
+    steps = ",".join(map(str, distilled_steps))
+    return run_eval(compose_config("eval", [
+        f"model={export_dir}", f"compare_with={teacher}", "num_prompts=2", "batch_size=2", "data.resolution=32",
+        "scheduler.num_inference_steps=2", "metrics.latency.batch_sizes=[1]", "metrics.latency.repeats=1",
+        "metrics.latency.warmup=0", "metrics.fid.kid_subset_size=2", "device=cpu", "logger=none",
+        f"distilled_steps=[{steps}]"], out))
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl_folder(tmp_path_factory) -> Path:
     """A complete tiny SDXL pipeline (two text encoders, text_time conditioning) saved to disk."""

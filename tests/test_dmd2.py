@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, compose_train
+from conftest import FAST, compose_train, evaluate_export
 from distillery.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -180,17 +180,9 @@ def test_block_removed_generator_with_a_student_sized_fake_score_and_a_start_fro
 
 
 def test_eval_samples_a_dmd2_export_at_its_own_steps_beside_the_teacher(tiny_sd_folder, tmp_path):
-    from distillery.config import compose_config
-    from distillery.eval.runner import run_eval
-
     result = train(compose_train([*DMD, f"arch.teacher={tiny_sd_folder}", "export_at_end=true",
                                   "scheduler.num_inference_steps=2", "trainer.max_steps=1"], tmp_path / "run"))
-    cfg = compose_config("eval", [f"model={result['export_dir']}", f"compare_with={tiny_sd_folder}", "num_prompts=2",
-                                  "batch_size=2", "data.resolution=32", "scheduler.num_inference_steps=2",
-                                  "metrics.latency.batch_sizes=[1]", "metrics.latency.repeats=1",
-                                  "metrics.latency.warmup=0", "metrics.fid.kid_subset_size=2", "device=cpu",
-                                  "logger=none", "distilled_steps=[2]"], tmp_path / "eval")
-    doc = run_eval(cfg)
+    doc = evaluate_export(result["export_dir"], tiny_sd_folder, tmp_path / "eval", [2])
     got = {m["label"]: (m["sampling"]["sampler"], m["sampling"]["steps"], m["sampling"]["unet_calls_per_step"])
            for m in doc["models"]}
     assert got["dmd2"] == ("LCMScheduler", 1, 1)  # one step, one U-Net call

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, compose_train
+from conftest import FAST, compose_train, evaluate_export
 from distillery.training import train
 from test_training import _losses
 
@@ -198,17 +198,9 @@ def test_lora_without_peft_names_the_extra(tiny_sd_folder, tmp_path, monkeypatch
 
 
 def test_eval_samples_an_lcm_export_at_several_step_counts(tiny_sd_folder, tmp_path):
-    from distillery.config import compose_config
-    from distillery.eval.runner import run_eval
-
     result = train(compose_train([*LCM, f"arch.teacher={tiny_sd_folder}", "export_at_end=true",
                                   "scheduler.num_inference_steps=2", "trainer.max_steps=1"], tmp_path / "run"))
-    cfg = compose_config("eval", [f"model={result['export_dir']}", f"compare_with={tiny_sd_folder}", "num_prompts=2",
-                                  "batch_size=2", "data.resolution=32", "scheduler.num_inference_steps=2",
-                                  "metrics.latency.batch_sizes=[1]", "metrics.latency.repeats=1",
-                                  "metrics.latency.warmup=0", "metrics.fid.kid_subset_size=2", "device=cpu",
-                                  "logger=none", "distilled_steps=[1,2,4]"], tmp_path / "eval")
-    doc = run_eval(cfg)
+    doc = evaluate_export(result["export_dir"], tiny_sd_folder, tmp_path / "eval", [1, 2, 4])
     got = {m["label"]: (m["sampling"]["sampler"], m["sampling"]["steps"], m["sampling"]["guidance_scale"])
            for m in doc["models"]}
     assert got["lcm"] == ("LCMScheduler", 4, 4.0)  # labelled by its method

@@ -79,13 +79,14 @@ def _remove_empty_run_folder() -> None:
     import shutil
 
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf.errors import OmegaConfBaseException
 
     if not HydraConfig.initialized():
         return
     try:  # a config composed in a test or a notebook has no job folder
         hc = HydraConfig.get()
         folder, subdir, log_file = Path(hc.runtime.output_dir), hc.output_subdir, f"{hc.job.name}.log"
-    except Exception:
+    except OmegaConfBaseException:
         return
     if not folder.is_dir() or subdir != ".hydra":  # a resume's folder is the run's: kept
         return
@@ -95,14 +96,14 @@ def _remove_empty_run_folder() -> None:
 
 
 def _release_log(path: Path) -> None:
-    """Close the log handlers writing to ``path`` (Hydra's job log) before it is removed."""
+    """Close Hydra's job log handler (on the root logger) before its file is removed."""
     import logging
 
-    for logger in [logging.getLogger(), *[logging.getLogger(n) for n in logging.root.manager.loggerDict]]:
-        for handler in list(getattr(logger, "handlers", [])):
-            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path.resolve():
-                logger.removeHandler(handler)
-                handler.close()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path.resolve():
+            root.removeHandler(handler)
+            handler.close()
 
 
 def console():
