@@ -134,28 +134,77 @@ def test_the_laion_art_recipe_runs_on_its_table_without_a_score_column(tmp_path,
         prepare_recipe({**_laion_art(), "allow_missing_columns": []}, tmp_path / "out2", table=str(table))
 
 
-def test_training_skips_an_allowed_missing_filter_and_applies_it_where_the_column_exists(tmp_path):
-    from hydra.utils import instantiate
+def _recastai_shard(folder, records=(("a", b'{"orig_caption": "x"}'), ("b", b'{"aesthetic": 5.0}'),
+                                      ("c", b'{"aesthetic": 8.0}'))):
+    """A shard as prepare_data writes one from the recastai table: json without "aesthetic"
+    (here two records carry a score, so the filter has something to act on)."""
     from PIL import Image
 
-    def png() -> bytes:
-        buf = io.BytesIO()
-        Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, format="PNG")
-        return buf.getvalue()
-
-    # Shards as prepare_data writes them from the recastai table: json without "aesthetic".
-    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
-        for key, meta in (("a", b'{"orig_caption": "x"}'), ("b", b'{"aesthetic": 5.0}'), ("c", b'{"aesthetic": 8.0}')):
-            for ext, data in (("png", png()), ("txt", f"caption {key}".encode()), ("json", meta)):
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, format="PNG")
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for key, meta in records:
+            for ext, data in (("png", buf.getvalue()), ("txt", f"caption {key}".encode()), ("json", meta)):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    overrides = ["arch=bk_small", "data=laion_art", f"data.source.urls={tmp_path}/*.tar", "data.resolution=64",
-                 "data.min_size=0", "data.num_workers=0"]
-    dm = instantiate(compose_train(overrides, tmp_path / "run").data)
+
+
+def _laion_art_stream(urls, run, *extra):
+    from distillery.training import _instantiate_data
+
+    overrides = ["arch=bk_small", "data=laion_art", f"data.source.urls={urls}", "data.resolution=64",
+                 "data.min_size=0", "data.num_workers=0", *extra]
+    return _instantiate_data(compose_train(overrides, run).data)
+
+
+def test_training_skips_an_allowed_missing_filter_and_applies_it_where_the_column_exists(tmp_path):
+    _recastai_shard(tmp_path)
+    dm = _laion_art_stream(f"{tmp_path}/*.tar", tmp_path / "run")
     dm.setup()
     stream = iter(dm.dataset)
     assert [next(stream)["key"] for _ in range(2)] == ["a", "c"]  # b: aesthetic 5.0 < 7.5
-    strict = instantiate(compose_train([*overrides, "data.allow_missing_columns=[]"], tmp_path / "run2").data)
+    strict = _laion_art_stream(f"{tmp_path}/*.tar", tmp_path / "run2", "data.allow_missing_columns=[]")
     with pytest.raises(DataSourceError, match="filter column 'aesthetic' is missing from record 'a'"):
         strict.setup()
+
+
+@pytest.mark.parametrize("did", ["not_applied", "applied"])
+def test_a_filter_the_shards_prepare_record_dealt_with_is_not_demanded_again(did, tmp_path, caplog):
+    """Without the recipe's allowance, the shards' _prepare.json decides: a filter the fetch
+    could not apply (no such column) or applied with the same bounds is not demanded again."""
+    import json
+    import logging
+
+    shards = tmp_path / "shards"
+    _recastai_shard(shards)
+    record = {"filters_applied": {}, "filters_not_applied": {}}
+    record[f"filters_{did}"]["aesthetic"] = {"min": 7.5}
+    (shards / "_prepare.json").write_text(json.dumps(record))
+    with caplog.at_level(logging.INFO, logger="distillery.data.streaming"):
+        dm = _laion_art_stream(f"{shards}/*.tar", tmp_path / "run", "data.allow_missing_columns=[]")
+    dm.setup()
+    stream = iter(dm.dataset)
+    assert [next(stream)["key"] for _ in range(2)] == ["a", "c"]  # still applied where the column exists
+    assert f"filter aesthetic {{'min': 7.5}} was {did.replace('_', ' ')} when {shards} was prepared" in caplog.text
+
+    # Other bounds than the fetch applied: the filter is demanded again.
+    stricter = _laion_art_stream(f"{shards}/*.tar", tmp_path / "run2", "data.allow_missing_columns=[]",
+                                 "data.filters.aesthetic.min=8.5")
+    if did == "applied":
+        with pytest.raises(DataSourceError, match="filter column 'aesthetic' is missing from record 'a'"):
+            stricter.setup()
+    # A second folder that prepare_data did not write: its records must carry the column.
+    other = tmp_path / "other"
+    _recastai_shard(other, records=(("d", b'{"orig_caption": "y"}'),))
+    mixed = _laion_art_stream(f'["{shards}/*.tar","{other}/*.tar"]', tmp_path / "run3", "data.allow_missing_columns=[]")
+    with pytest.raises(DataSourceError, match="filter column 'aesthetic' is missing from record"):
+        mixed.setup()
+
+
+def test_an_unreadable_prepare_record_is_named(tmp_path):
+    _recastai_shard(tmp_path)
+    (tmp_path / "_prepare.json").write_text("{not json")
+    with pytest.raises(DataSourceError, match="_prepare.json is not readable as JSON"):
+        _laion_art_stream(f"{tmp_path}/*.tar", tmp_path / "run", "data.allow_missing_columns=[]")

@@ -190,11 +190,13 @@ def test_laion_art_as_published_prepares_then_trains(image_server, tiny_sd_folde
     record = json.loads((out / "_prepare.json").read_text())  # what the fetch did, beside the shards
     assert ["aesthetic: column not in the table, NOT applied (allow_missing_columns)", 3] in record["filters"]
     assert record["source"] == str(table)
+    assert record["filters_not_applied"] == {"aesthetic": {"min": 7.5}} and record["filters_applied"] == {}
 
     from conftest import FAST, compose_train
     from distillery.training import train
 
+    # Without the recipe's allowance: the shards' record says the fetch could not apply the filter.
     cfg = compose_train(["arch=bk_small", f"arch.teacher={tiny_sd_folder}", "data=laion_art",
-                         f"data.source.urls={out}/*.tar", *FAST, "data.num_workers=0", "trainer.max_steps=2"],
-                        tmp_path / "run")
+                         f"data.source.urls={out}/*.tar", "data.allow_missing_columns=[]", *FAST,
+                         "data.num_workers=0", "trainer.max_steps=2"], tmp_path / "run")
     assert train(cfg)["global_step"] == 2

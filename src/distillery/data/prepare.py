@@ -194,6 +194,9 @@ def prepare_recipe(data: Mapping, out: str | Path, *, max_samples: int | None = 
     else:
         raise PrepareError("no table: set data.fetch.dataset (hub id) or prepare.table=<local file>")
 
+    # What the fetch does with each filter, kept beside the shards (training reads it there).
+    filter_record = {"filters_applied": {c: dict(b or {}) for c, b in filters.items() if c in df.columns},
+                     "filters_not_applied": {c: dict(b or {}) for c, b in filters.items() if c not in df.columns}}
     df, report = apply_filters(df, filters, caption_col, min_size, allow_missing)
     if fetch.get("one_row_per"):
         df = df.drop_duplicates(fetch["one_row_per"])
@@ -238,10 +241,11 @@ def prepare_recipe(data: Mapping, out: str | Path, *, max_samples: int | None = 
         timeout=10, retries=0, enable_wandb=False, incremental_mode="incremental",
     )
     shards = sorted(p.name for p in out.glob("[0-9]*.tar"))
-    summary = {"out": str(out), "table": str(table_path), "filters": report, "extras": extras,
+    summary = {"out": str(out), "table": str(table_path), "filters": report, **filter_record, "extras": extras,
                "skipped_extras": skipped, "shards": shards, **_stats(out)}
     # Beside the shards: which filters the fetch applied and which it could not (their column
-    # absent from the table), with the rows left after each step.
+    # absent from the table), with the rows left after each step. Training on these shards
+    # does not demand those filters' columns again (distillery.data.sources.prepare_records).
     (out / "_prepare.json").write_text(json.dumps({**summary, "source": str(source) if source else fetch.get("dataset")}, indent=2,
                                                   default=str))
     return summary

@@ -47,6 +47,15 @@ class Source:
     def size(self, shard) -> int | None:
         return None
 
+    def prepare_records(self) -> dict[str, dict | None]:
+        """Per local folder of shards, what ``prepare_data`` recorded there (``_prepare.json``:
+        the filters the fetch applied and could not apply), or None where it recorded nothing.
+        Empty for a source that is not a set of shard folders."""
+        return {}
+
+
+PREPARE_RECORD = "_prepare.json"
+
 
 def _ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
     if shard_size < 1:
@@ -240,6 +249,17 @@ class WebDatasetSource(Source):
 
     def shards(self) -> list:
         return list(self._urls)
+
+    def prepare_records(self) -> dict[str, dict | None]:
+        records: dict[str, dict | None] = {}
+        for folder in dict.fromkeys(str(Path(u).parent) for u in self._urls if not _is_remote(u)):
+            path = Path(folder) / PREPARE_RECORD
+            try:
+                records[folder] = json.loads(path.read_text()) if path.is_file() else None
+            except (OSError, ValueError) as err:
+                raise DataSourceError(f"{path} is not readable as JSON ({err}); it is what prepare_data "
+                                      "recorded beside the shards: prepare the folder again or delete the file") from err
+        return records
 
     def size(self, shard) -> int | None:
         # Local tars: count keys from the headers alone (random access seeks over member data).

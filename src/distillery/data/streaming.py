@@ -83,6 +83,31 @@ def check_allow_missing(columns, filters) -> list[str]:
     return columns
 
 
+def _fetch_did(record: dict, column: str, cond: dict) -> str | None:
+    """What a prepare record says its fetch did with a filter: 'not applied' (the table had no
+    such column), 'applied' (with these bounds), or None (nothing, or other bounds)."""
+    if column in (record.get("filters_not_applied") or {}):
+        return "not applied"
+    return "applied" if (record.get("filters_applied") or {}).get(column) == cond else None
+
+
+def prepared_exemptions(source, filters: dict) -> set[str]:
+    """Filter columns a record may lack because every folder of the source's shards has a
+    prepare_data record (``_prepare.json``) saying its fetch applied that filter, with the same
+    bounds, or could not (its table had no such column). A folder without a record exempts nothing."""
+    records = getattr(source, "prepare_records", dict)() if filters else {}
+    if not records or any(r is None for r in records.values()):
+        return set()
+    exempt = set()
+    for column, cond in filters.items():
+        done = {_fetch_did(r, column, cond) for r in records.values()}
+        if None not in done:
+            exempt.add(column)
+            log.info("data: filter %s %s was %s when %s was prepared (its %s): records without the "
+                     "column are kept", column, cond, " / ".join(sorted(done)), ", ".join(records), "_prepare.json")
+    return exempt
+
+
 def _passes(value, cond: dict) -> bool:
     if value is None:
         return False
@@ -124,6 +149,8 @@ class StreamingDataset(torch.utils.data.IterableDataset):
         # Filter columns the data may lack on purpose (a table without the score its recipe
         # filters on): such a filter is not applied to a record without the column.
         self.allow_missing = set(check_allow_missing(allow_missing_columns, self.filters))
+        # ... and those the shards' own prepare record says the fetch already dealt with.
+        self.allow_missing |= prepared_exemptions(source, self.filters)
         self.rank, self.world_size = 0, 1
         self.resume: list[int] | None = None
         self.plan: dict | None = None  # set by continue_plan's result after a change of world size
@@ -149,7 +176,8 @@ class StreamingDataset(torch.utils.data.IterableDataset):
             if column not in record:
                 raise DataSourceError(
                     f"filter column {column!r} is missing from record {record.get('key')!r} of "
-                    f"{self.source.describe()}; the record has {sorted(record)}, the source {self.source.columns()}")
+                    f"{self.source.describe()}; the record has {sorted(record)}, the source {self.source.columns()}. "
+                    "List the column in data.allow_missing_columns to keep records without it")
             if not _passes(record[column], cond):
                 return "filtered"
         # Fixed draw order (dropout, caption, transform) keeps each choice independent of the others' settings.
