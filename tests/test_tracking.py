@@ -61,6 +61,15 @@ def test_a_resumed_run_continues_the_same_wandb_run(tiny_sd_folder, tmp_path):
     steps = wandb_logged(runs[1])["trainer/global_step"]
     assert min(steps) >= 2  # the second part logs from where the first stopped
 
+    def config(part):  # the config wandb.init started with (the run record) and later updates
+        records = wandb_offline_records(part)
+        updates = [rec.run.config if rec.WhichOneof("record_type") == "run" else rec.config
+                   for rec in records if rec.WhichOneof("record_type") in ("run", "config")]
+        return {item.key: item.value_json for update in updates for item in update.update}
+
+    # The second part's config says where it starts (what a dashboard shows of the resume).
+    assert "resumed_from_step" not in config(runs[0]) and config(runs[1])["resumed_from_step"] == "2"
+
 
 def test_logger_none_still_writes_samples_and_no_tracker_folder(tiny_sd_folder, tmp_path):
     from distillery.training import train

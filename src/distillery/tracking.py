@@ -12,6 +12,7 @@ from typing import Any
 from hydra.utils import instantiate
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, open_dict
 
@@ -72,6 +73,24 @@ class CSVLogger(_LightningCSVLogger):
         return super().experiment
 
 
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's W&B logger without the ``anonymous`` argument it always hands wandb.init
+    (current wandb warns on every run that the setting has no effect). ``resumed_from_step``
+    (set by ``make_loggers`` for a resumed run) goes into the run's config."""
+
+    def __init__(self, *args: Any, resumed_from_step: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not kwargs.get("anonymous"):
+            self._wandb_init.pop("anonymous", None)
+        if resumed_from_step is not None:
+            self._wandb_init["config"] = {**(self._wandb_init.get("config") or {}),
+                                          "resumed_from_step": int(resumed_from_step)}
+
+
+def _wandb_offline(cfg: DictConfig) -> bool:
+    return bool(cfg.get("offline")) or os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
+
+
 def make_loggers(logger_cfg: DictConfig | None, resume_run_id: str | None = None,
                  resume_step: int | None = None) -> list[Any]:
     """Instantiate every configured logger (``logger=wandb|csv|none``). ``resume_run_id``: the
@@ -84,11 +103,8 @@ def make_loggers(logger_cfg: DictConfig | None, resume_run_id: str | None = None
         if cfg._target_ == f"{__name__}.CSVLogger" and resume_step is not None:
             with open_dict(cfg):
                 cfg.resume_step = int(resume_step)
-        if cfg._target_.endswith("WandbLogger") and resume_run_id:
-            with open_dict(cfg):
-                cfg.id, cfg.resume = resume_run_id, "allow"
-            log.info("W&B: continuing run %s", resume_run_id)
-        if cfg._target_.endswith("WandbLogger") and not cfg.get("offline") and not wandb_credentials_configured():
+        is_wandb = cfg._target_.endswith("WandbLogger")
+        if is_wandb and not cfg.get("offline") and not wandb_credentials_configured():
             with open_dict(cfg):
                 cfg.offline = True
             folder = Path(cfg.save_dir) / "wandb"
@@ -96,6 +112,20 @@ def make_loggers(logger_cfg: DictConfig | None, resume_run_id: str | None = None
                 "W&B: no API key configured (WANDB_API_KEY, `wandb login` or WANDB_MODE); "
                 "logging offline to %s. Upload later with: wandb sync %s/offline-run-*", folder, folder
             )
+        if is_wandb and resume_run_id:
+            with open_dict(cfg):
+                cfg.id, cfg.resume = resume_run_id, "allow"
+                if resume_step is not None and cfg._target_ == f"{__name__}.WandbLogger":
+                    cfg.resumed_from_step = int(resume_step)  # the run's config says where this part starts
+            if _wandb_offline(cfg):
+                # Offline, wandb cannot know the run exists: it writes a second folder with the
+                # same id (marked resumed=False); syncing both puts them in one run, in order.
+                parts = Path(cfg.save_dir) / "wandb" / f"offline-run-*-{resume_run_id}"
+                log.info("W&B (offline): continuing run %s from step %s in a folder of its own; "
+                         "`wandb sync %s` uploads every part into that one run, in order",
+                         resume_run_id, resume_step, parts)
+            else:
+                log.info("W&B: continuing run %s from step %s", resume_run_id, resume_step)
         loggers.append(instantiate(cfg))
     return loggers
 
