@@ -4,6 +4,7 @@ resumed on the same and on another world size."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -331,3 +332,49 @@ def test_sharded_teacher_and_sharded_checkpoints_resume_on_another_world_size(on
     resumed_state = read_checkpoint(result["checkpoint"])["state_dict"]
     assert_same_training({k: v for k, v in resumed_state.items() if k.startswith(("student.", "ema.module."))},
                          reference)
+
+
+@pytest.mark.slow
+def test_dmd2_on_two_processes_trains_what_one_process_trains_with_the_global_batch(tiny_sd_folder, tmp_path):
+    """method=dmd2 under DDP (two CPU processes, gloo): the generator and the fake score take
+    their own optimizer steps in one iteration, each backward reaching one of them; every network
+    (generator, its EMA, fake score, discriminator head) ends as one process trains it with the
+    global batch, and the two-step generator's backward simulation reads the global batch's draws."""
+    # Plain SGD: AdamW's first steps move every weight by about its learning rate whatever the
+    # gradient's size, so a rounding difference of a gradient near zero becomes a whole step;
+    # SGD keeps the two runs' difference at the size of the gradients' rounding.
+    sgd = ["optim.optimizer._target_=torch.optim.SGD", "~optim.optimizer.betas", "~optim.optimizer.eps"]
+    dmd = ["arch=copy", "method=dmd2", "method.timesteps=[999,499]", "method.fake_updates_per_generator_step=2",
+           *sgd, "method.generator_lr=0.1", "method.fake_lr=0.1", "method.gan_weight=0.1", "method.disc_weight=0.1",
+           "method.ema_decay=0.9", *DATA, "trainer.max_steps=4", "trainer.log_every_n_steps=1", "eval.at_end=false",
+           "export_at_end=false", "logger=csv", f"arch.teacher={tiny_sd_folder}"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    train_py([*dmd, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+              "trainer.strategy.find_unused_parameters=true", "data.batch_size=1", f"hydra.run.dir={two}"],
+             tmp_path, two / "probe")
+    train_py([*dmd, "trainer=cpu", "data.batch_size=2", f"hydra.run.dir={one}"], tmp_path, one / "probe")
+    a, b = weights(two / "probe", 0), weights(two / "probe", 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the generator bit-identical on both ranks
+    trained = ("student.", "ema.module.", "fake_score.", "disc_head.")
+
+    def networks(run: Path) -> dict:
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert ckpt["global_step"] == 4
+        return {k: v for k, v in ckpt["state_dict"].items() if k.startswith(trained)}
+
+    got, expected = networks(two), networks(one)
+    assert {k.split(".")[0] for k in got} == {"student", "ema", "fake_score", "disc_head"}
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6, msg=k)
+    # ... where training moved the generator and the fake score (both start as the teacher's
+    # U-Net) by far more than that: a rank's gradient left out of one of them would show.
+    from diffusers import UNet2DConditionModel
+
+    start = UNet2DConditionModel.from_pretrained(tiny_sd_folder / "unet").state_dict()
+    for name in ("student", "fake_score"):
+        moved = max(float((expected[f"{name}.{k}"] - v).abs().max()) for k, v in start.items())
+        assert moved > 1e-3, (name, moved)
+    # Both ranks logged the update counts of the alternation: 2 generator and 4 fake-score updates.
+    rows = list(csv.DictReader(open(two / "csv" / "metrics.csv")))
+    last = [r for r in rows if r.get("train/fake_updates")][-1]
+    assert (float(last["train/generator_updates"]), float(last["train/fake_updates"])) == (2.0, 4.0)

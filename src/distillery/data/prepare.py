@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import pandas as pd
 
+from .sources import PREPARE_RECORD
+
 # Keys img2dataset writes into every sample's json itself: a table column of the same name would
 # be silently overwritten there, so such columns are never copied as extra columns.
 IMG2DATASET_KEYS = {"key", "url", "caption", "status", "error_message", "width", "height",
@@ -246,7 +248,7 @@ def prepare_recipe(data: Mapping, out: str | Path, *, max_samples: int | None = 
     # Beside the shards: which filters the fetch applied and which it could not (their column
     # absent from the table), with the rows left after each step. Training on these shards
     # does not demand those filters' columns again (distillery.data.sources.prepare_records).
-    (out / "_prepare.json").write_text(json.dumps({**summary, "source": str(source) if source else fetch.get("dataset")}, indent=2,
+    (out / PREPARE_RECORD).write_text(json.dumps({**summary, "source": str(source) if source else fetch.get("dataset")}, indent=2,
                                                   default=str))
     return summary
 

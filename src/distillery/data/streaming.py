@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .sources import DataSourceError, Source
+from .sources import PREPARE_RECORD, DataSourceError, Source
 from .transforms import ImageTransform, pick_caption
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def prepared_exemptions(source, filters: dict) -> set[str]:
         if None not in done:
             exempt.add(column)
             log.info("data: filter %s %s was %s when %s was prepared (its %s): records without the "
-                     "column are kept", column, cond, " / ".join(sorted(done)), ", ".join(records), "_prepare.json")
+                     "column are kept", column, cond, " / ".join(sorted(done)), ", ".join(records), PREPARE_RECORD)
     return exempt
 
 
