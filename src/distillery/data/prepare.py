@@ -249,7 +249,7 @@ def prepare_recipe(data: Mapping, out: str | Path, *, max_samples: int | None = 
     # absent from the table), with the rows left after each step. Training on these shards
     # does not demand those filters' columns again (distillery.data.sources.prepare_records).
     (out / PREPARE_RECORD).write_text(json.dumps({**summary, "source": str(source) if source else fetch.get("dataset")}, indent=2,
-                                                  default=str))
+                                                 default=str))
     return summary
 
 
